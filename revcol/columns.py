@@ -1,0 +1,234 @@
+"""Reversible columns: the multi-level reversible unit of RevCol (Cai et al., ICLR 2023, Eq. 3).
+
+Column c, level l (1-based in the paper, 0-based here):
+
+    x_l^c = F_l^c(x_{l-1}^c, x_{l+1}^{c-1}) + gamma_l^c * x_l^{c-1}
+
+x_0^c is the stem output (the same for every column), the top level takes no x_{L+1}, and the first
+column starts from zero state: its levels see only their lower input and have no shortcut.
+The inverse, top level first, rebuilds column c-1 from column c:
+
+    x_l^{c-1} = (x_l^c - F_l^c(x_{l-1}^c, x_{l+1}^{c-1})) / gamma_l^c
+
+so backward needs only the stem output and the last column's levels: memory does not grow with the
+number of columns.
+"""
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+GAMMA_MIN = 1e-3
+
+
+def clamp_gamma(gamma: Tensor) -> Tensor:
+    """Keep gamma's sign and |gamma| >= 1e-3: a tiny gamma makes the inverse numerically useless (Sec. 2.2.2)."""
+    return torch.copysign(gamma.abs().clamp_min(GAMMA_MIN), gamma)
+
+
+class Column(nn.Module):
+    """One column: L level functions F_l and, after the first column, a channel-wise gamma per level.
+
+    A level function is called as ``F(low, high, **context)`` with ``high=None`` at the top level and in
+    the first column; it returns a tensor shaped like its level's state.
+    """
+
+    def __init__(self, levels: Sequence[nn.Module], gamma_shapes: Sequence[Sequence[int]], gamma_init: float,
+                 first: bool):
+        super().__init__()
+        self.levels = nn.ModuleList(levels)
+        self.gammas = None if first else nn.ParameterList(
+            nn.Parameter(torch.full(tuple(shape), float(gamma_init))) for shape in gamma_shapes)
+
+    def level(self, l: int, x0: Tensor, states: List[Tensor], prev: Optional[List[Tensor]],
+              context: Dict) -> Tensor:
+        """x_l of this column, given this column's levels below l (``states``) and the previous column."""
+        low = x0 if l == 0 else states[l - 1]
+        high = None if prev is None or l == len(self.levels) - 1 else prev[l + 1]
+        y = self.levels[l](low, high, **context)
+        if prev is None:
+            return y
+        if y.shape != prev[l].shape:
+            raise ValueError(f"level {l} returned shape {tuple(y.shape)} but its shortcut from the previous "
+                             f"column has shape {tuple(prev[l].shape)}; a level must keep its state's shape")
+        return y + clamp_gamma(self.gammas[l]) * prev[l]
+
+    def forward(self, x0: Tensor, prev: Optional[List[Tensor]], context: Dict) -> List[Tensor]:
+        states: List[Tensor] = []
+        for l in range(len(self.levels)):
+            states.append(self.level(l, x0, states, prev, context))
+        return states
+
+
+class _RngState:
+    """Generator state taken before a level runs, so that its backward recompute draws the same masks."""
+
+    def __init__(self, device: torch.device):
+        self.cuda_device = device if device.type == "cuda" else None
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if self.cuda_device is not None else None
+
+    def consumed(self) -> bool:
+        """Whether anything drew random numbers since the state was taken (if not, no replay is needed)."""
+        if not torch.equal(self.cpu, torch.get_rng_state()):
+            return True
+        return self.cuda is not None and not torch.equal(self.cuda, torch.cuda.get_rng_state(self.cuda_device))
+
+    @contextmanager
+    def replayed(self):
+        devices = [self.cuda_device] if self.cuda_device is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.cuda_device)
+            yield
+
+
+class _ReversibleColumnsFunction(torch.autograd.Function):
+    """Runs all columns without a graph; backward rebuilds and differentiates them one at a time."""
+
+    @staticmethod
+    def forward(ctx, module: "ReversibleColumns", context_plain: Dict, context_keys: List[str], x0: Tensor,
+                *tensors: Tensor):
+        n_ctx = len(context_keys)
+        context = dict(context_plain, **dict(zip(context_keys, tensors[:n_ctx])))
+        device_type = x0.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.rng: Dict = {}
+        ctx.dtypes = []
+        states = None
+        with torch.no_grad():
+            for c, column in enumerate(module.columns):
+                prev, states = states, []
+                for l in range(module.num_levels):
+                    rng = _RngState(x0.device)
+                    states.append(column.level(l, x0, states, prev, context))
+                    if rng.consumed():
+                        ctx.rng[c, l] = rng
+                ctx.dtypes.append([s.dtype for s in states])
+        ctx.module, ctx.context_plain, ctx.context_keys = module, context_plain, context_keys
+        ctx.save_for_backward(x0, *tensors[:n_ctx], *states)
+        return tuple(states)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        module: ReversibleColumns = ctx.module
+        L = module.num_levels
+        saved = ctx.saved_tensors
+        n_ctx = len(ctx.context_keys)
+        x0 = saved[0].detach()
+        context = dict(ctx.context_plain, **dict(zip(ctx.context_keys, saved[1:1 + n_ctx])))
+        states = [s.detach() for s in saved[1 + n_ctx:]]
+        grads = list(grads)
+        params = module.trainable_parameters()
+        index = {p: i for i, p in enumerate(params)}
+        param_grads: List[Optional[Tensor]] = [None] * len(params)
+        grad_x0 = None
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+
+        with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+            for c in reversed(range(len(module.columns))):
+                column = module.columns[c]
+                prev = None if c == 0 else [None] * L      # column c-1, rebuilt top level first
+                prev_grads: List[Optional[Tensor]] = [None] * L
+                for l in reversed(range(L)):
+                    low = (x0 if l == 0 else states[l - 1]).detach().requires_grad_()
+                    high = None if prev is None or l == L - 1 else prev[l + 1]
+                    rng = ctx.rng.get((c, l))
+                    if rng is None:
+                        y = column.levels[l](low, high, **context)
+                    else:
+                        with rng.replayed():
+                            y = column.levels[l](low, high, **context)
+                    inputs = [low] + ([high] if high is not None else [])
+                    level_params = [p for p in column.levels[l].parameters() if p in index]
+                    if prev is None:
+                        out = y
+                    else:
+                        gamma_param = column.gammas[l]
+                        gamma = clamp_gamma(gamma_param)
+                        with torch.no_grad():
+                            rebuilt = ((states[l] - y) / gamma).to(ctx.dtypes[c - 1][l])
+                        prev[l] = rebuilt.requires_grad_()
+                        out = y + gamma * prev[l]
+                        inputs.append(prev[l])
+                        if gamma_param in index:
+                            level_params.append(gamma_param)
+                    got = torch.autograd.grad(out, inputs + level_params, grads[l], allow_unused=True)
+                    got_inputs, got_params = got[:len(inputs)], got[len(inputs):]
+                    if l == 0:
+                        grad_x0 = _add(grad_x0, got_inputs[0])
+                    else:
+                        grads[l - 1] = _add(grads[l - 1], got_inputs[0])
+                    if high is not None:
+                        prev_grads[l + 1] = _add(prev_grads[l + 1], got_inputs[1])
+                    if prev is not None:
+                        prev_grads[l] = _add(prev_grads[l], got_inputs[-1])
+                    for p, g in zip(level_params, got_params):
+                        param_grads[index[p]] = _add(param_grads[index[p]], g)
+                if prev is not None:
+                    states = [s.detach() for s in prev]
+                    grads = prev_grads
+        return (None, None, None, grad_x0, *([None] * n_ctx), *param_grads)
+
+
+def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+class ReversibleColumns(nn.Module):
+    """N columns of L levels joined by reversible connections; returns the last column's L level states.
+
+    Args:
+        columns: ``columns[c][l]`` is the level function F_l of column c (see :class:`Column`).
+        gamma_shapes: per level, the shape of its channel-wise gamma, broadcastable against the state
+            (``(C,)`` for channels-last tokens, ``(C, 1, 1)`` for NCHW feature maps).
+        gamma_init: the constant gamma starts at.
+        reversible: rebuild activations in backward (memory flat in N) instead of storing them
+            (plain autograd). Switching never changes the forward output.
+
+    Keyword arguments of ``forward`` after the stem output (for example a padding mask) reach every level
+    function unchanged; they must not need gradients. Levels with BatchNorm would update running
+    statistics twice in reversible mode (once more in the recompute): use LayerNorm.
+    """
+
+    def __init__(self, columns: Sequence[Sequence[nn.Module]], gamma_shapes: Sequence[Sequence[int]],
+                 gamma_init: float = 0.5, reversible: bool = True):
+        super().__init__()
+        if len(columns) < 1:
+            raise ValueError(f"need at least 1 column, got {len(columns)}")
+        num_levels = len(columns[0])
+        if num_levels < 2:
+            raise ValueError(f"need at least 2 levels per column, got {num_levels}")
+        for c, levels in enumerate(columns):
+            if len(levels) != num_levels:
+                raise ValueError(f"column {c} has {len(levels)} levels, column 0 has {num_levels}")
+        if len(gamma_shapes) != num_levels:
+            raise ValueError(f"got {len(gamma_shapes)} gamma shapes for {num_levels} levels")
+        if abs(gamma_init) < GAMMA_MIN:
+            raise ValueError(f"gamma_init {gamma_init} is below the clamp |gamma| >= {GAMMA_MIN}")
+        self.num_levels = num_levels
+        self.columns = nn.ModuleList(
+            Column(levels, gamma_shapes, gamma_init, first=(c == 0)) for c, levels in enumerate(columns))
+        self.reversible = reversible
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, x0: Tensor, **context) -> List[Tensor]:
+        params = self.trainable_parameters()
+        needs_graph = torch.is_grad_enabled() and (x0.requires_grad or len(params) > 0)
+        if self.reversible and needs_graph:
+            keys = [k for k, v in context.items() if isinstance(v, Tensor)]
+            plain = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
+            return list(_ReversibleColumnsFunction.apply(self, plain, keys, x0, *(context[k] for k in keys),
+                                                         *params))
+        states = None
+        for column in self.columns:
+            states = column(x0, states, context)
+        return states

@@ -1,0 +1,178 @@
+"""Isotropic RevCol columns with transformer blocks (Appendix B): shared by RevCol-ViT and RevCol-Transformer.
+
+Every level keeps the token shape (B, T, C). A level is a fusion (Linear + post-LayerNorm for each of its
+two inputs, summed: the isotropic stand-in for down- and up-sampling) followed by post-LN blocks
+(``x + LN(attn(x))``, ``x + LN(mlp(x))``) with normalized (scaled cosine) attention as in Swin V2.
+"""
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .columns import ReversibleColumns
+
+LOGIT_SCALE_MAX = math.log(100.0)  # Swin V2 clamps the learnable attention temperature at 100
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class CosineAttention(nn.Module):
+    """Multi-head attention on cosine similarity with a learnable per-head temperature (Swin V2).
+
+    The clamped temperature is folded into the normalized queries, so the product runs through
+    ``scaled_dot_product_attention`` (fused kernels on GPU) with scale 1.
+    """
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """x: (B, T, C); key_padding_mask: (B, T), True at padded positions, which no query attends to."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        scale = self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+        q = F.normalize(q, dim=-1) * scale.to(q.dtype)
+        k = F.normalize(k, dim=-1)
+        mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
+                                           dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, T, C)))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, activation_drop: float = 0.0, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(activation_drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class PostNormBlock(nn.Module):
+    """Transformer block with the LayerNorm on each residual branch's output (Swin V2 res-post-norm)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 dropout: float = 0.0, attn_dropout: float = 0.0, activation_dropout: float = 0.0):
+        super().__init__()
+        self.attn = CosineAttention(dim, num_heads, attn_drop=attn_dropout, proj_drop=dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), activation_drop=activation_dropout, drop=dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        x = x + self.drop_path(self.norm1(self.attn(x, key_padding_mask)))
+        return x + self.drop_path(self.norm2(self.mlp(x)))
+
+
+class LevelFusion(nn.Module):
+    """Linear + LayerNorm on the lower input of this column and on the higher input of the previous one, summed."""
+
+    def __init__(self, dim: int, takes_high: bool):
+        super().__init__()
+        self.low = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim))
+        self.high = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim)) if takes_high else None
+
+    def forward(self, low: Tensor, high: Optional[Tensor]) -> Tensor:
+        if (high is None) != (self.high is None):
+            raise ValueError("LevelFusion built " + ("with" if self.high is not None else "without")
+                             + " a higher input was called " + ("without" if high is None else "with") + " one")
+        x = self.low(low)
+        return x if high is None else x + self.high(high)
+
+
+class IsotropicLevel(nn.Module):
+    """F_l: fusion, then ``depth`` post-LN blocks. Called as ``level(low, high, key_padding_mask=None)``."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, takes_high: bool, mlp_ratio: float = 4.0,
+                 drop_path: Sequence[float] = (), dropout: float = 0.0, attn_dropout: float = 0.0,
+                 activation_dropout: float = 0.0):
+        super().__init__()
+        drop_path = list(drop_path) or [0.0] * depth
+        self.fusion = LevelFusion(dim, takes_high)
+        self.blocks = nn.ModuleList(
+            PostNormBlock(dim, num_heads, mlp_ratio, drop_path[i], dropout, attn_dropout, activation_dropout)
+            for i in range(depth))
+
+    def forward(self, low: Tensor, high: Optional[Tensor], key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        x = self.fusion(low, high)
+        for block in self.blocks:
+            x = block(x, key_padding_mask)
+        return x
+
+
+def isotropic_columns(dim: int, depths: Sequence[int], num_columns: int, num_heads: int, mlp_ratio: float = 4.0,
+                      drop_path_rate: float = 0.0, dropout: float = 0.0, attn_dropout: float = 0.0,
+                      activation_dropout: float = 0.0, gamma_init: float = 0.5,
+                      reversible: bool = True) -> ReversibleColumns:
+    """Reversible columns of :class:`IsotropicLevel` over tokens (B, T, dim).
+
+    Drop path rises linearly over the blocks of a column, the same in every column (as the official code
+    does). FFN output projections are scaled down by depth at init (BEiT): fc2 of block i (1-based, counted
+    through the column) by 1/sqrt(2 i).
+    """
+    if num_columns < 1:
+        raise ValueError(f"need at least 1 column, got {num_columns}")
+    if len(depths) < 2 or any(d < 1 for d in depths):
+        raise ValueError(f"depths must list at least 2 levels of at least 1 block each, got {tuple(depths)}")
+    if dim % num_heads != 0:
+        raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+    rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+    starts = [sum(depths[:l]) for l in range(len(depths))]
+    columns: List[List[IsotropicLevel]] = []
+    for c in range(num_columns):
+        levels = []
+        for l, depth in enumerate(depths):
+            takes_high = c > 0 and l < len(depths) - 1
+            levels.append(IsotropicLevel(dim, depth, num_heads, takes_high, mlp_ratio,
+                                         rates[starts[l]:starts[l] + depth], dropout, attn_dropout,
+                                         activation_dropout))
+        columns.append(levels)
+    model = ReversibleColumns(columns, [(dim,)] * len(depths), gamma_init=gamma_init, reversible=reversible)
+    init_isotropic_(model, depths)
+    return model
+
+
+def init_isotropic_(model: ReversibleColumns, depths: Sequence[int]) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for column in model.columns:
+        block_id = 0
+        for level in column.levels:
+            for block in level.blocks:
+                block_id += 1
+                block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * block_id))

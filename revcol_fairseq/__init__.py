@@ -1,0 +1,1 @@
+"""RevCol-Transformer as a fairseq --user-dir plugin."""

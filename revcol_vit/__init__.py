@@ -1,0 +1,1 @@
+"""RevCol-ViT models registered with timm."""

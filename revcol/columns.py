@@ -85,92 +85,98 @@ class _RngState:
             yield
 
 
-class _ReversibleColumnsFunction(torch.autograd.Function):
-    """Runs all columns without a graph; backward rebuilds and differentiates them one at a time."""
+class _ReversibleColumn(torch.autograd.Function):
+    """One column run without a graph; its backward rebuilds the previous column and differentiates this one.
+
+    Only the last column keeps its outputs. Every other column finds its outputs on the ``tape``, where
+    the next column's backward put them after rebuilding them; autograd runs the backwards last column
+    first, because each column's output gradients come from the next column's backward. Parameter
+    gradients are returned column by column, so they are accumulated (and, under DDP, reduced) as soon as
+    a column is done instead of being held to the end.
+    """
 
     @staticmethod
-    def forward(ctx, module: "ReversibleColumns", context_plain: Dict, context_keys: List[str], x0: Tensor,
-                *tensors: Tensor):
-        n_ctx = len(context_keys)
+    def forward(ctx, column: Column, tape: Dict, c: int, last: bool, context_plain: Dict, context_keys: List[str],
+                x0: Tensor, *tensors: Tensor):
+        n_ctx, L = len(context_keys), len(column.levels)
         context = dict(context_plain, **dict(zip(context_keys, tensors[:n_ctx])))
+        prev = list(tensors[n_ctx:n_ctx + L]) if c > 0 else None
         device_type = x0.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        ctx.rng: Dict = {}
-        ctx.dtypes = []
-        states = None
-        with torch.no_grad():
-            for c, column in enumerate(module.columns):
-                prev, states = states, []
-                for l in range(module.num_levels):
-                    rng = _RngState(x0.device)
-                    states.append(column.level(l, x0, states, prev, context))
-                    if rng.consumed():
-                        ctx.rng[c, l] = rng
-                ctx.dtypes.append([s.dtype for s in states])
-        ctx.module, ctx.context_plain, ctx.context_keys = module, context_plain, context_keys
-        ctx.save_for_backward(x0, *tensors[:n_ctx], *states)
+        ctx.rng: Dict[int, _RngState] = {}
+        states: List[Tensor] = []
+        for l in range(L):
+            rng = _RngState(x0.device)
+            states.append(column.level(l, x0, states, prev, context))
+            if rng.consumed():
+                ctx.rng[l] = rng
+        ctx.column, ctx.tape, ctx.c, ctx.last = column, tape, c, last
+        ctx.context_plain, ctx.context_keys = context_plain, context_keys
+        ctx.prev_dtypes = None if prev is None else [p.dtype for p in prev]
+        ctx.params = list(tensors[n_ctx + (L if c > 0 else 0):])
+        ctx.save_for_backward(x0, *tensors[:n_ctx], *(states if last else ()))
         return tuple(states)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        module: ReversibleColumns = ctx.module
-        L = module.num_levels
+        column: Column = ctx.column
+        L, n_ctx = len(column.levels), len(ctx.context_keys)
         saved = ctx.saved_tensors
-        n_ctx = len(ctx.context_keys)
         x0 = saved[0].detach()
         context = dict(ctx.context_plain, **dict(zip(ctx.context_keys, saved[1:1 + n_ctx])))
-        states = [s.detach() for s in saved[1 + n_ctx:]]
+        if ctx.last:
+            states = [s.detach() for s in saved[1 + n_ctx:]]
+        elif ctx.c in ctx.tape:
+            states = ctx.tape.pop(ctx.c)
+        else:
+            raise RuntimeError("reversible columns: this column's outputs were not rebuilt; backward through "
+                               "a reversible forward runs once (retain_graph is not supported)")
         grads = list(grads)
-        params = module.trainable_parameters()
-        index = {p: i for i, p in enumerate(params)}
-        param_grads: List[Optional[Tensor]] = [None] * len(params)
+        index = {p: i for i, p in enumerate(ctx.params)}
+        param_grads: List[Optional[Tensor]] = [None] * len(ctx.params)
+        prev = None if ctx.c == 0 else [None] * L  # the previous column, rebuilt top level first
+        prev_grads: List[Optional[Tensor]] = [None] * L
         grad_x0 = None
         device_type, autocast_on, autocast_dtype = ctx.autocast
 
         with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
-            for c in reversed(range(len(module.columns))):
-                column = module.columns[c]
-                prev = None if c == 0 else [None] * L      # column c-1, rebuilt top level first
-                prev_grads: List[Optional[Tensor]] = [None] * L
-                for l in reversed(range(L)):
-                    low = (x0 if l == 0 else states[l - 1]).detach().requires_grad_()
-                    high = None if prev is None or l == L - 1 else prev[l + 1]
-                    rng = ctx.rng.get((c, l))
-                    if rng is None:
+            for l in reversed(range(L)):
+                low = (x0 if l == 0 else states[l - 1]).detach().requires_grad_()
+                high = None if prev is None or l == L - 1 else prev[l + 1]
+                if l in ctx.rng:
+                    with ctx.rng[l].replayed():
                         y = column.levels[l](low, high, **context)
-                    else:
-                        with rng.replayed():
-                            y = column.levels[l](low, high, **context)
-                    inputs = [low] + ([high] if high is not None else [])
-                    level_params = [p for p in column.levels[l].parameters() if p in index]
-                    if prev is None:
-                        out = y
-                    else:
-                        gamma_param = column.gammas[l]
-                        gamma = clamp_gamma(gamma_param)
-                        with torch.no_grad():
-                            rebuilt = ((states[l] - y) / gamma).to(ctx.dtypes[c - 1][l])
-                        prev[l] = rebuilt.requires_grad_()
-                        out = y + gamma * prev[l]
-                        inputs.append(prev[l])
-                        if gamma_param in index:
-                            level_params.append(gamma_param)
-                    got = torch.autograd.grad(out, inputs + level_params, grads[l], allow_unused=True)
-                    got_inputs, got_params = got[:len(inputs)], got[len(inputs):]
-                    if l == 0:
-                        grad_x0 = _add(grad_x0, got_inputs[0])
-                    else:
-                        grads[l - 1] = _add(grads[l - 1], got_inputs[0])
-                    if high is not None:
-                        prev_grads[l + 1] = _add(prev_grads[l + 1], got_inputs[1])
-                    if prev is not None:
-                        prev_grads[l] = _add(prev_grads[l], got_inputs[-1])
-                    for p, g in zip(level_params, got_params):
-                        param_grads[index[p]] = _add(param_grads[index[p]], g)
+                else:
+                    y = column.levels[l](low, high, **context)
+                inputs = [low] + ([high] if high is not None else [])
+                level_params = [p for p in column.levels[l].parameters() if p in index]
+                if prev is None:
+                    out = y
+                else:
+                    gamma = clamp_gamma(column.gammas[l])
+                    with torch.no_grad():
+                        rebuilt = ((states[l] - y) / gamma).to(ctx.prev_dtypes[l])
+                    prev[l] = rebuilt.requires_grad_()
+                    out = y + gamma * prev[l]
+                    inputs.append(prev[l])
+                    if column.gammas[l] in index:
+                        level_params.append(column.gammas[l])
+                got = torch.autograd.grad(out, inputs + level_params, grads[l], allow_unused=True)
+                got_inputs, got_params = got[:len(inputs)], got[len(inputs):]
+                if l == 0:
+                    grad_x0 = got_inputs[0]
+                else:
+                    grads[l - 1] = _add(grads[l - 1], got_inputs[0])
+                if high is not None:
+                    prev_grads[l + 1] = _add(prev_grads[l + 1], got_inputs[1])
                 if prev is not None:
-                    states = [s.detach() for s in prev]
-                    grads = prev_grads
-        return (None, None, None, grad_x0, *([None] * n_ctx), *param_grads)
+                    prev_grads[l] = _add(prev_grads[l], got_inputs[-1])
+                for p, g in zip(level_params, got_params):
+                    param_grads[index[p]] = _add(param_grads[index[p]], g)
+        if prev is not None:
+            ctx.tape[ctx.c - 1] = [s.detach() for s in prev]
+        return (None,) * 6 + (grad_x0,) + (None,) * n_ctx + (tuple(prev_grads) if prev is not None else ()) \
+            + tuple(param_grads)
 
 
 def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
@@ -217,18 +223,22 @@ class ReversibleColumns(nn.Module):
             Column(levels, gamma_shapes, gamma_init, first=(c == 0)) for c, levels in enumerate(columns))
         self.reversible = reversible
 
-    def trainable_parameters(self) -> List[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
     def forward(self, x0: Tensor, **context) -> List[Tensor]:
-        params = self.trainable_parameters()
-        needs_graph = torch.is_grad_enabled() and (x0.requires_grad or len(params) > 0)
-        if self.reversible and needs_graph:
-            keys = [k for k, v in context.items() if isinstance(v, Tensor)]
-            plain = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
-            return list(_ReversibleColumnsFunction.apply(self, plain, keys, x0, *(context[k] for k in keys),
-                                                         *params))
+        if self.reversible and torch.is_grad_enabled():
+            return self._forward_reversible(x0, context)
         states = None
         for column in self.columns:
             states = column(x0, states, context)
+        return states
+
+    def _forward_reversible(self, x0: Tensor, context: Dict) -> List[Tensor]:
+        keys = [k for k, v in context.items() if isinstance(v, Tensor)]
+        plain = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
+        tape: Dict = {}
+        states: List[Tensor] = []
+        for c, column in enumerate(self.columns):
+            params = [p for p in column.parameters() if p.requires_grad]
+            last = c == len(self.columns) - 1
+            states = list(_ReversibleColumn.apply(column, tape, c, last, plain, keys, x0,
+                                                  *(context[k] for k in keys), *states, *params))
         return states

@@ -8,11 +8,12 @@ setup(
     packages=find_packages(include=["revcol", "revcol_fairseq", "revcol_vit"]),
     python_requires=">=3.9",
     install_requires=[
-        "torch",
+        "torch>=2.6",
         "timm",
         "sentencepiece",
         "subword-nmt",
         "sacrebleu",
+        "sacremoses",
         "matplotlib",
         "tensorboard",
         "pyyaml",

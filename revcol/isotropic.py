@@ -56,8 +56,9 @@ class CosineAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         scale = self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
-        q = F.normalize(q, dim=-1) * scale.to(q.dtype)
-        k = F.normalize(k, dim=-1)
+        # eps 1e-6, not the default 1e-12, which is 0 in float16: an all-zero (padding) vector would give NaN.
+        q = F.normalize(q, dim=-1, eps=1e-6) * scale.to(q.dtype)
+        k = F.normalize(k, dim=-1, eps=1e-6)
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
                                            dropout_p=self.attn_drop if self.training else 0.0)
@@ -146,7 +147,7 @@ def isotropic_columns(dim: int, depths: Sequence[int], num_columns: int, num_hea
         raise ValueError(f"depths must list at least 2 levels of at least 1 block each, got {tuple(depths)}")
     if dim % num_heads != 0:
         raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-    rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+    rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # also under a meta device
     starts = [sum(depths[:l]) for l in range(len(depths))]
     columns: List[List[IsotropicLevel]] = []
     for c in range(num_columns):

@@ -1,0 +1,116 @@
+"""RevCol-Transformer against fairseq's Transformer-big: training words/s and generation sentences/s.
+
+Training runs the real ``fairseq-train`` on ``--task dummy_mt`` (dictionary 32768, 30-token sentences,
+shared embeddings, Adam, label smoothing, --fp16) and reads words/s from fairseq's JSON log, skipping the
+first log interval (warm-up). Generation builds both models in one process and times beam search (beam 4)
+on random 30-token sources with the output length pinned, so both decoders produce the same number of
+tokens.
+
+    python benchmarks/fairseq_throughput.py --max-tokens 4096,8192      # needs CUDA and fairseq
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ARCHS = ["transformer_wmt_en_de_big", "revcol_transformer"]
+RUNS = [("transformer_wmt_en_de_big", "fp16"), ("revcol_transformer", "fp16"), ("revcol_transformer", "amp")]
+DICT_SIZE, SENT_LEN = 32768, 30
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-tokens", default="4096,8192")
+    p.add_argument("--updates", type=int, default=200)
+    p.add_argument("--log-interval", type=int, default=40)
+    p.add_argument("--log-dir", default=None, help="keep each fairseq-train log here")
+    p.add_argument("--gen-batch", type=int, default=128)
+    p.add_argument("--gen-batches", type=int, default=10)
+    return p.parse_args()
+
+
+def train_wps(arch, precision, max_tokens, args):
+    cmd = [sys.executable, "-m", "fairseq_cli.train", "--user-dir", "revcol_fairseq", "--task", "dummy_mt",
+           "--dict-size", str(DICT_SIZE),
+           "--src-len", str(SENT_LEN), "--tgt-len", str(SENT_LEN), "--dataset-size", "1000000",
+           "--arch", arch, "--share-all-embeddings", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
+           "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000",
+           "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", f"--{precision}",
+           "--max-tokens", str(max_tokens), "--max-update", str(args.updates), "--disable-validation",
+           "--no-save", "--log-format", "json", "--log-interval", str(args.log_interval), "--num-workers", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if args.log_dir:
+        Path(args.log_dir, f"{arch}_{precision}_{max_tokens}.log").write_text(out.stdout + out.stderr)
+    if out.returncode != 0:
+        sys.exit(f"fairseq-train failed for {arch}:\n{out.stderr[-3000:]}")
+    params = None
+    wps = []
+    for line in (out.stdout + out.stderr).splitlines():
+        if "num. shared model params:" in line:
+            params = int(line.split("num. shared model params:")[1].split()[0].replace(",", ""))
+        if "{" in line and '"wps"' in line:
+            stats = json.loads(line[line.index("{"):])
+            if "train_wps" not in stats and "wps" in stats:
+                wps.append(float(stats["wps"]))
+    return params, statistics.median(wps[1:]) if len(wps) > 1 else float("nan")
+
+
+def generation_speed(arch, args):
+    from fairseq import options, tasks
+    from fairseq.sequence_generator import SequenceGenerator
+
+    import revcol_fairseq  # noqa: F401  (registers revcol_transformer)
+    parser = options.get_training_parser()
+    a = options.parse_args_and_arch(parser, ["--task", "dummy_mt", "--dict-size", str(DICT_SIZE), "--arch", arch,
+                                             "--share-all-embeddings", "--user-dir", "revcol_fairseq"])
+    task = tasks.setup_task(a)
+    torch.manual_seed(0)
+    model = task.build_model(a).cuda().half().eval()
+    generator = SequenceGenerator([model], task.target_dictionary, beam_size=4, max_len_a=0, max_len_b=SENT_LEN,
+                                  min_len=SENT_LEN)
+    d = task.source_dictionary
+    src = torch.randint(d.nspecial, len(d), (args.gen_batch, SENT_LEN), device="cuda")
+    src[:, -1] = d.eos()
+    sample = {"net_input": {"src_tokens": src,
+                            "src_lengths": torch.full((args.gen_batch,), SENT_LEN, device="cuda")}}
+    with torch.no_grad():
+        generator.generate([model], sample)  # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.gen_batches):
+            generator.generate([model], sample)
+        torch.cuda.synchronize()
+    return args.gen_batch * args.gen_batches / (time.perf_counter() - t0)
+
+
+def main():
+    args = parse_args()
+    assert torch.cuda.is_available(), "this benchmark measures GPU throughput"
+    print(f"# {torch.cuda.get_device_name()}, {date.today()}, torch {torch.__version__}, fp16, dummy_mt "
+          f"dict {DICT_SIZE}, {SENT_LEN}-token sentences")
+    print("| arch | precision | params | max tokens | train words/s |\n|---|---|---|---|---|")
+    train = {}
+    for max_tokens in map(int, args.max_tokens.split(",")):
+        for arch, precision in RUNS:
+            params, wps = train_wps(arch, precision, max_tokens, args)
+            train[arch, precision, max_tokens] = wps
+            print(f"| {arch} | {precision} | {params / 1e6:.1f}M | {max_tokens} | {wps:.0f} |", flush=True)
+    for max_tokens in map(int, args.max_tokens.split(",")):
+        big = train["transformer_wmt_en_de_big", "fp16", max_tokens]
+        print(f"max tokens {max_tokens}: training words/s revcol / big (fp16) = "
+              f"{train['revcol_transformer', 'fp16', max_tokens] / big:.2f}, revcol --amp / big --fp16 = "
+              f"{train['revcol_transformer', 'amp', max_tokens] / big:.2f}")
+    gen = {arch: generation_speed(arch, args) for arch in ARCHS}
+    for arch in ARCHS:
+        print(f"generation, beam 4, batch {args.gen_batch}: {arch} {gen[arch]:.1f} sentences/s")
+    print(f"generation revcol / big = {gen['revcol_transformer'] / gen['transformer_wmt_en_de_big']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

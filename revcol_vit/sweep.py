@@ -1,0 +1,158 @@
+"""Appendix B.3: top-1 against the number of columns, at ViT-B width with 32 blocks in all (1x32 ... 8x4).
+
+Trains every variant with one recipe (the flags of ``revcol_vit.train``), then writes ``sweep.csv`` and ``sweep.png``
+(top-1 per variant with a table of parameters, FLOPs and training memory) to ``--output``.
+
+    Toy scale, CPU:  python -m revcol_vit.sweep --data digits/ --output runs/sweep --embed-dim 32 --num-heads 2 \
+                         --img-size 32 --patch-size 8 --epochs 5 --batch-size 32 --lr-base-batch 32 --workers 0
+    ImageNet, GPUs:  torchrun --nproc_per_node 8 -m revcol_vit.sweep --data /imagenet --output runs/sweep --amp bf16
+
+A variant whose output folder already holds a checkpoint continues from it, so a stopped sweep picks up where it was.
+"""
+import argparse
+import copy
+import os
+from typing import Any, Dict, List, Optional
+
+import matplotlib
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from revcol import count_saved_bytes
+
+from .config import UsageError
+from .revcol_vit import VARIANTS
+from .train import (
+    CHECKPOINT_NAME,
+    build_parser,
+    count_parameters,
+    create_model,
+    list_classes,
+    model_kwargs,
+    parse_args,
+    run_cli,
+    save_atomic,
+    setup_distributed,
+    train,
+    write_csv,
+)
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+SWEEP_VARIANTS = ("1x32", "2x16", "4x8", "8x4")
+
+
+def sweep_parser() -> argparse.ArgumentParser:
+    parser = build_parser()
+    parser.description = __doc__.splitlines()[0]
+    parser.add_argument("--variants", nargs="+", default=list(SWEEP_VARIANTS), choices=SWEEP_VARIANTS,
+                        help="columns x blocks per column")
+    parser.set_defaults(model=None, output="runs/column_sweep")
+    return parser
+
+
+def gflops(model: torch.nn.Module, img_size: int) -> float:
+    """Multiply-adds of one image's forward pass, in G (the "FLOPs" of Table 9, counted like fvcore).
+
+    Counted on the meta device: there attention dispatches to a kernel the counter knows, the CPU one it misses.
+    """
+    model = copy.deepcopy(model).to("meta").eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, img_size, img_size, device="meta"))
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def saved_mb_per_sample(model: torch.nn.Module, img_size: int) -> float:
+    """Activation memory autograd keeps for backward per image: saved bytes at batch 2 minus batch 1, which
+    cancels the parameters that ops save."""
+    model.train()
+    device = next(model.parameters()).device
+    saved = []
+    for batch in (1, 2):
+        with count_saved_bytes() as counter:
+            model(torch.zeros(batch, 3, img_size, img_size, device=device)).sum()
+        saved.append(counter.bytes)
+    return (saved[1] - saved[0]) / 2**20
+
+
+def measure(args, num_classes: int, history: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Size, cost and training memory of the variant ``args.model`` as trained."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = create_model(args.model, **model_kwargs(args, num_classes)).to(device)
+    row = dict(params_m=count_parameters(model) / 1e6, gflops=gflops(model, args.img_size))
+    if "peak_memory_mb" in history[-1]:
+        row.update(memory_mb=max(r["peak_memory_mb"] for r in history), memory_kind="cuda peak per GPU")
+    else:
+        row.update(memory_mb=saved_mb_per_sample(model, args.img_size), memory_kind="saved for backward per image")
+    return row
+
+
+def plot(rows: List[Dict[str, Any]], title: str, path: str) -> None:
+    fig, (ax, table_ax) = plt.subplots(2, 1, figsize=(7, 6.5), gridspec_kw=dict(height_ratios=(3, 1.4)))
+    columns = [r["columns"] for r in rows]
+    top1 = [r["top1"] for r in rows]
+    ax.plot(columns, top1, "o-")
+    for r in rows:
+        ax.annotate(f"{r['top1']:.1f}", (r["columns"], r["top1"]), textcoords="offset points", xytext=(0, 7),
+                    ha="center")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(columns, [r["variant"] for r in rows])
+    ax.set_xlabel("columns x blocks per column")
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title(title)
+    ax.margins(y=0.15)  # room for the labels above the points
+    ax.grid(alpha=0.3)
+    table_ax.axis("off")
+    table = table_ax.table(
+        cellText=[[r["variant"], f"{r['params_m']:.2f}", f"{r['gflops']:.3g}", f"{r['memory_mb']:.3g}",
+                   f"{r['top1']:.2f}"] for r in rows],
+        colLabels=["variant", "params (M)", "GFLOPs", "memory (MB) *", "top-1 (%)"], loc="upper center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table_ax.text(0.5, 0.0, f"* training memory: {rows[0]['memory_kind']}", ha="center", va="bottom",
+                  transform=table_ax.transAxes, fontsize=9)
+    fig.tight_layout()
+    save_atomic(lambda tmp: fig.savefig(tmp, format="png", dpi=120), path)
+    plt.close(fig)
+
+
+def sweep(args) -> List[Dict[str, Any]]:
+    if args.model is not None:
+        raise UsageError("the sweep sets the model per variant; drop --model")
+    if args.columns is not None or args.depths is not None:
+        raise UsageError("the variants fix the columns and depths; drop --columns/--depths")
+    d = setup_distributed(args.device)
+    num_classes = len(list_classes(args.data))
+    rows = []
+    for variant in args.variants:
+        run = argparse.Namespace(**vars(args))
+        run.model = f"revcol_vit_b_{variant}"
+        run.output = os.path.join(args.output, variant)
+        checkpoint = os.path.join(run.output, CHECKPOINT_NAME)
+        run.resume = checkpoint if os.path.isfile(checkpoint) else None
+        history = train(run)
+        if not d.is_main:
+            continue
+        config = VARIANTS[run.model]
+        last = history[-1]
+        row = dict(variant=variant, model=run.model, columns=config["columns"],
+                   blocks_per_column=sum(config["depths"]), epochs=last["epoch"], top1=last["val_top1"],
+                   top5=last["val_top5"], best_top1=max(r["val_top1"] for r in history))
+        if "ema_top1" in last:
+            row["ema_top1"] = last["ema_top1"]
+        row.update(measure(run, num_classes, history))
+        rows.append(row)
+        write_csv(rows, os.path.join(args.output, "sweep.csv"))
+    if d.is_main:
+        title = f"RevCol-ViT, 32 blocks in all: {os.path.basename(os.path.normpath(args.data))}, {args.epochs} epochs"
+        plot(rows, title, os.path.join(args.output, "sweep.png"))
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    run_cli(lambda argv: sweep(parse_args(argv, sweep_parser())), argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Scores a fairseq-generate output file the two ways translation papers report BLEU.
+
+1. Tokenized, compound-split BLEU (the newstest2014 figure of Vaswani et al. 2017, Ott et al. 2018 and RevCol
+   Table 10): hypotheses and references stay Moses-tokenized, hyphenated compounds are split as
+   ``a ##AT##-##AT## b``, and BLEU is computed on whitespace tokens (sacrebleu with ``tokenize="none"``, which is
+   what multi-bleu.perl and fairseq-score compute).
+2. Detokenized sacreBLEU with its signature (Post, 2018): the hypotheses are Moses-detokenized and compared with
+   the raw reference text (``--raw-ref``), so the figure does not depend on anyone's tokenizer.
+
+Writes ``{generate_output}.hyp`` and ``.ref`` (tokenized, in test-set order) next to the input and prints the
+scores; with ``--json PATH`` also writes them as JSON.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+import sacrebleu
+from sacremoses import MosesDetokenizer
+
+COMPOUND_HYPHEN = re.compile(r"(\S)-(\S)")
+
+
+def read_generate_output(path: str):
+    """Returns (hypotheses, references) in test-set order from fairseq-generate's ``H-id`` and ``T-id`` lines."""
+    hypotheses, references = {}, {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            fields = line.rstrip("\n").split("\t")
+            if line.startswith("H-"):
+                hypotheses[int(fields[0][2:])] = fields[2] if len(fields) > 2 else ""
+            elif line.startswith("T-"):
+                references[int(fields[0][2:])] = fields[1] if len(fields) > 1 else ""
+    if not hypotheses:
+        sys.exit(f"error: {path} holds no fairseq-generate hypotheses (H- lines)")
+    ids = sorted(hypotheses)
+    if ids != list(range(len(ids))):
+        missing = sorted(set(range(max(ids) + 1)) - set(ids))
+        sys.exit(f"error: {path} lacks hypotheses for sentence ids {missing[:10]}: was generation cut short "
+                 f"or run without --required-batch-size-multiple 1?")
+    return [hypotheses[i] for i in ids], [references.get(i, "") for i in ids]
+
+
+def split_compounds(line: str) -> str:
+    """One non-overlapping pass, like the perl one-liner behind the published figures (so "a-b-c" becomes
+    "a ##AT##-##AT## b-c"): a second pass would also split the "##AT##-##AT##" markers themselves."""
+    return COMPOUND_HYPHEN.sub(r"\1 ##AT##-##AT## \2", line)
+
+
+def tokenized_bleu(hypotheses, references) -> sacrebleu.BLEU:
+    split_hyps = [split_compounds(h) for h in hypotheses]
+    split_refs = [split_compounds(r) for r in references]
+    return sacrebleu.corpus_bleu(split_hyps, [split_refs], tokenize="none", force=True)
+
+
+def detokenized_sacrebleu(hypotheses, raw_ref_path: str, lang: str):
+    with open(raw_ref_path, encoding="utf-8") as f:
+        raw_references = [line.rstrip("\n") for line in f]
+    if len(raw_references) != len(hypotheses):
+        sys.exit(f"error: {raw_ref_path} has {len(raw_references)} lines but there are {len(hypotheses)} "
+                 f"hypotheses")
+    detokenizer = MosesDetokenizer(lang)
+    detokenized = [detokenizer.detokenize(h.split()) for h in hypotheses]
+    metric = sacrebleu.BLEU()
+    return metric.corpus_score(detokenized, [raw_references]), metric.get_signature()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("generate_output", help="stdout of fairseq-generate run with --remove-bpe")
+    parser.add_argument("--raw-ref", help="raw (untokenized) reference text, one sentence per line, "
+                                          "for detokenized sacreBLEU")
+    parser.add_argument("--lang", default="en", help="target language for the Moses detokenizer")
+    parser.add_argument("--json", help="also write the scores to this JSON file")
+    args = parser.parse_args()
+
+    hypotheses, references = read_generate_output(args.generate_output)
+    for suffix, lines in (("hyp", hypotheses), ("ref", references)):
+        with open(f"{args.generate_output}.{suffix}.tmp", "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+        os.replace(f"{args.generate_output}.{suffix}.tmp", f"{args.generate_output}.{suffix}")
+
+    bleu = tokenized_bleu(hypotheses, references)
+    scores = {"sentences": len(hypotheses), "tokenized_bleu": round(bleu.score, 2)}
+    print(f"tokenized compound-split BLEU = {bleu.score:.2f} ({bleu})")
+    if args.raw_ref:
+        detok_bleu, signature = detokenized_sacrebleu(hypotheses, args.raw_ref, args.lang)
+        scores.update(sacrebleu=round(detok_bleu.score, 2), sacrebleu_signature=str(signature))
+        print(f"detokenized sacreBLEU = {detok_bleu.score:.2f} ({detok_bleu}) signature: {signature}")
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(scores, f, indent=2)
+        os.replace(args.json + ".tmp", args.json)
+
+
+if __name__ == "__main__":
+    main()

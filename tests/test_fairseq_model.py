@@ -1,0 +1,343 @@
+"""RevCol-Transformer fairseq plugin: decoding, padding, reversible gradients, checkpoints, flags, CLI."""
+import json
+import os
+import pickle
+import random
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from fairseq import checkpoint_utils, options
+from fairseq.data import Dictionary
+from fairseq.data.data_utils import collate_tokens
+from fairseq.sequence_generator import SequenceGenerator
+
+from revcol import count_saved_bytes
+from revcol_fairseq import RevColTransformerModel
+
+REPO = Path(__file__).resolve().parents[1]
+USER_DIR = str(REPO / "revcol_fairseq")
+PAPER_PARAMS = 209e6  # Table 10, RevCol-Transformer on WMT'16 En-De
+
+
+def model_args(arch, *flags):
+    """Flags parsed exactly as fairseq-train parses them (the data directory is not read)."""
+    return options.parse_args_and_arch(options.get_training_parser(), ["unused-data-dir", "--arch", arch, *flags])
+
+
+def toy_dictionary(size=40):
+    dictionary = Dictionary()
+    for i in range(size - len(dictionary)):
+        dictionary.add_symbol(f"w{i}")
+    return dictionary
+
+
+def build(*flags, arch="revcol_transformer_tiny", dictionary=None, seed=0):
+    torch.manual_seed(seed)
+    dictionary = dictionary or toy_dictionary()
+    task = types.SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary)
+    return RevColTransformerModel.build_model(model_args(arch, *flags), task)
+
+
+def source_batch(sentences, left_pad=True):
+    """Token lists (EOS appended) -> padded (B, T) batch and lengths; fairseq left-pads sources by default."""
+    tokens = [torch.tensor(s + [2]) for s in sentences]
+    return collate_tokens(tokens, pad_idx=1, left_pad=left_pad), torch.tensor([len(t) for t in tokens])
+
+
+SENTENCES = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+
+
+def test_beam_search_scores_equal_teacher_forced_forward():
+    model = build().eval()
+    dictionary = model.decoder.dictionary
+    src, lengths = source_batch(SENTENCES)
+    generator = SequenceGenerator([model], dictionary, beam_size=3, max_len_a=0, max_len_b=8)
+    with torch.no_grad():
+        beams = generator.forward({"net_input": {"src_tokens": src, "src_lengths": lengths}})
+        for i, beam in enumerate(beams):
+            assert len(beam) == 3
+            for hypo in beam:
+                tokens = hypo["tokens"]
+                prev = torch.cat([tokens.new_tensor([dictionary.eos()]), tokens[:-1]])
+                unpadded = src[i, src[i].ne(1)]
+                logits, _ = model(unpadded[None], lengths[i:i + 1], prev[None])
+                lprobs = model.get_normalized_probs((logits, None), log_probs=True)[0]
+                expected = lprobs.gather(-1, tokens[:, None]).squeeze(-1)
+                torch.testing.assert_close(hypo["positional_scores"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reorder_encoder_out_equals_encoding_the_reordered_batch():
+    model = build().eval()
+    src, lengths = source_batch(SENTENCES)
+    order = torch.tensor([2, 0, 0, 1])
+    with torch.no_grad():
+        reordered = model.encoder.reorder_encoder_out(model.encoder(src, lengths, return_all_hiddens=True), order)
+        direct = model.encoder(src[order], lengths[order], return_all_hiddens=True)
+    assert reordered.keys() == direct.keys()
+    assert len(direct["encoder_states"]) == 2  # one per level of the last column
+    assert direct["encoder_out"][0].shape == (src.shape[1], 4, 64)  # T x B x C
+    for key in direct:
+        assert len(reordered[key]) == len(direct[key])
+        for got, want in zip(reordered[key], direct[key]):
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("stem_flags", [[], ["--encoder-learned-pos", "--layernorm-embedding"]])
+def test_padding_does_not_leak_into_encoder_or_decoder_outputs(stem_flags):
+    # separate embeddings, so the encoder's pad row can be filled with garbage without touching the decoder
+    model = build("--no-share-all-embeddings", *stem_flags).eval()
+    sentence, prev = [5, 6, 7, 8], torch.tensor([[2, 9, 10, 11]])
+
+    def outputs(src, lengths, row):
+        encoder_out = model.encoder(src, lengths)
+        logits, _ = model.decoder(prev.expand(len(src), -1), encoder_out=encoder_out)
+        keep = src[row].ne(1)
+        return encoder_out["encoder_out"][0][keep, row], logits[row]
+
+    with torch.no_grad():
+        alone = outputs(*source_batch([sentence]), row=0)
+        left_padded = outputs(*source_batch([[3] * 9, sentence]), row=1)
+        right_padded = outputs(*source_batch([[3] * 9, sentence], left_pad=False), row=1)
+        model.encoder.embed_tokens.weight[1] = torch.randn(64) * 10
+        garbage_pad = outputs(*source_batch([[3] * 9, sentence]), row=1)
+    for padded in (left_padded, right_padded, garbage_pad):
+        for got, want in zip(padded, alone):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_reversible_and_plain_encoders_give_equal_gradients():
+    # float64 so the inverse's rounding stays far below the tolerance; dropout and drop path on, so the
+    # reversible recompute must replay their masks
+    model = build("--revcol-columns", "3", "--revcol-drop-path", "0.2", "--dropout", "0.2").double().train()
+    src, lengths = source_batch(SENTENCES)
+    prev = torch.tensor([[2, 5, 6, 7, 8], [2, 9, 10, 11, 12], [2, 13, 14, 15, 16]])
+    target = torch.roll(prev, -1, dims=1)
+
+    def run(reversible):
+        model.encoder.columns.reversible = reversible
+        model.zero_grad()
+        torch.manual_seed(1)
+        with count_saved_bytes() as saved:
+            logits, _ = model(src, lengths, prev)
+            lprobs = model.get_normalized_probs((logits, None), log_probs=True)
+            loss = -lprobs.gather(-1, target[..., None]).sum()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, saved
+
+    loss_rev, grads_rev, saved_rev = run(reversible=True)
+    loss_plain, grads_plain, saved_plain = run(reversible=False)
+    torch.testing.assert_close(loss_rev, loss_plain, rtol=1e-12, atol=0)
+    assert grads_rev.keys() == grads_plain.keys()
+    assert any("gammas" in n for n in grads_rev) and any("embed_tokens" in n for n in grads_rev)
+    for name in grads_plain:
+        torch.testing.assert_close(grads_rev[name], grads_plain[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert saved_rev.bytes < saved_plain.bytes  # the reversible path ran: the columns kept no activations
+
+
+def test_half_precision_encoder_is_finite_and_reversible_grads_stay_close():
+    model = build("--dropout", "0").half()
+    src, lengths = source_batch(SENTENCES)
+    prev = torch.tensor([[2, 5, 6], [2, 9, 10], [2, 13, 14]])
+
+    def grads(reversible):
+        model.encoder.columns.reversible = reversible
+        model.zero_grad()
+        logits, _ = model(src, lengths, prev)
+        assert logits.isfinite().all()
+        logits.float().logsumexp(-1).sum().backward()
+        return {n: p.grad.float() for n, p in model.encoder.named_parameters() if p.grad is not None}
+
+    rev, plain = grads(True), grads(False)
+    worst = max(((rev[n] - plain[n]).norm() / plain[n].norm()).item() for n in plain)
+    assert worst < 0.05  # measured 0.5% at 2 columns, gamma 0.5: the inverse amplifies half-precision rounding
+
+
+def test_architectures_fill_paper_defaults_and_flags_override_them():
+    paper = model_args("revcol_transformer")
+    assert (paper.revcol_columns, paper.revcol_blocks, paper.encoder_embed_dim, paper.encoder_ffn_embed_dim,
+            paper.encoder_attention_heads) == (4, "1,1,1,1", 768, 3072, 12)
+    assert (paper.decoder_layers, paper.decoder_embed_dim, paper.decoder_ffn_embed_dim,
+            paper.decoder_attention_heads) == (6, 768, 3072, 12)
+    assert paper.share_all_embeddings and paper.revcol_reversible and paper.dropout == 0.3
+    assert model_args("revcol_transformer_wmt_en_fr").dropout == 0.1
+    custom = model_args("revcol_transformer", "--dropout", "0.2", "--revcol-columns", "8", "--revcol-blocks",
+                        "2,2,2", "--no-revcol-reversible", "--no-share-all-embeddings", "--encoder-embed-dim", "512")
+    assert (custom.dropout, custom.revcol_columns, custom.revcol_blocks) == (0.2, 8, "2,2,2")
+    assert not custom.revcol_reversible and not custom.share_all_embeddings
+    assert (custom.encoder_embed_dim, custom.decoder_embed_dim) == (512, 512)
+
+    model = build("--revcol-columns", "3", "--revcol-blocks", "1,2,1", "--no-revcol-reversible")
+    columns = model.encoder.columns
+    assert len(columns.columns) == 3 and [len(level.blocks) for level in columns.columns[0].levels] == [1, 2, 1]
+    assert not columns.reversible
+
+
+def test_paper_configuration_matches_the_papers_parameter_count():
+    model = build(arch="revcol_transformer", dictionary=toy_dictionary(32768))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"revcol_transformer at a 32768-entry joint dictionary: {params:,} parameters")
+    assert abs(params - PAPER_PARAMS) / PAPER_PARAMS < 0.01
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--revcol-blocks", "1,x"], "argument --revcol-blocks: --revcol-blocks must be comma-separated integers"),
+    (["--revcol-blocks", "3"], "argument --revcol-blocks: --revcol-blocks needs at least 2 levels"),
+    (["--revcol-blocks", "1,0"], "argument --revcol-blocks: --revcol-blocks needs at least 2 levels"),
+    (["--revcol-columns", "0"], "argument --revcol-columns: must be an integer >= 1, got '0'"),
+    (["--revcol-gamma-init", "0"], "argument --revcol-gamma-init: |gamma| must be at least 0.001"),
+    (["--revcol-drop-path", "1.5"], "argument --revcol-drop-path: must be in [0, 1), got 1.5"),
+    (["--revcol-colums", "3"], "unrecognized arguments: --revcol-colums 3"),
+])
+def test_bad_revcol_flag_is_one_argparse_error(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        model_args("revcol_transformer_tiny", *flags)
+    assert exit_info.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: " in last_line and message in last_line
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--encoder-embed-dim", "66"], "--encoder-embed-dim 66 is not divisible by --encoder-attention-heads 4"),
+    (["--decoder-attention-heads", "5"], "--decoder-embed-dim 64 is not divisible by --decoder-attention-heads 5"),
+    (["--encoder-embed-dim", "28", "--encoder-ffn-embed-dim", "61"],
+     "--encoder-ffn-embed-dim 61 is lost to rounding in the columns' MLP ratio 61/28"),
+])
+def test_dims_that_do_not_fit_the_heads_are_refused(flags, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build(*flags, "--no-share-all-embeddings")
+
+
+def test_namespaces_built_without_the_parser_are_checked_too():
+    args = model_args("revcol_transformer_tiny")
+    args.revcol_blocks = "1"
+    task = types.SimpleNamespace(source_dictionary=toy_dictionary(), target_dictionary=toy_dictionary())
+    with pytest.raises(ValueError, match="--revcol-blocks needs at least 2 levels"):
+        RevColTransformerModel.build_model(args, task)
+
+
+class WritesMarker:
+    """Pickles as a call of ``open(marker, "w")``: unpickling it with code allowed creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_checkpoint_with_a_pickled_callable_is_refused_and_never_runs(tmp_path):
+    marker, path = tmp_path / "payload_ran", tmp_path / "checkpoint_evil.pt"
+    torch.save({"args": None, "cfg": None, "model": {}, "extra_state": WritesMarker(marker)}, path)
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(path))
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is live: trusting the file runs it
+    assert marker.exists()
+
+
+# End to end through fairseq's command-line tools, on a tiny reversal task made here.
+
+TRAIN_FLAGS = ["--user-dir", USER_DIR, "--arch", "revcol_transformer_tiny", "--task", "translation",
+               "--optimizer", "adam", "--lr", "1e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4",
+               "--max-tokens", "500", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+               "--seed", "1", "--num-workers", "0", "--log-interval", "1", "--log-format", "json",
+               "--no-progress-bar", "--disable-validation", "--no-epoch-checkpoints"]
+
+
+def fairseq_cli(tool, *args, cwd, expect_ok=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", f"fairseq_cli.{tool}", *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    if expect_ok:
+        assert result.returncode == 0, output[-4000:]
+    return result.returncode, output
+
+
+def logged_losses(output):
+    """{update: loss} from fairseq-train's json train_inner lines."""
+    losses = {}
+    for line in output.splitlines():
+        if "| train_inner |" in line:
+            record = json.loads(line.split("| train_inner |", 1)[1])
+            losses[int(record["num_updates"])] = float(record["loss"])
+    return losses
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Binarized toy data and a 6-update fairseq-train run: (workdir, data dir, checkpoint dir, logged losses)."""
+    workdir = tmp_path_factory.mktemp("fairseq")
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(30)]
+    for split, count in (("train", 300), ("valid", 24)):
+        sentences = [rng.choices(words, k=rng.randint(3, 9)) for _ in range(count)]
+        (workdir / f"{split}.src").write_text("".join(" ".join(s) + "\n" for s in sentences))
+        (workdir / f"{split}.tgt").write_text("".join(" ".join(reversed(s)) + "\n" for s in sentences))
+    fairseq_cli("preprocess", "--source-lang", "src", "--target-lang", "tgt", "--trainpref", "train",
+                "--validpref", "valid", "--destdir", "data-bin", "--joined-dictionary", "--workers", "1", cwd=workdir)
+    _, output = fairseq_cli("train", "data-bin", *TRAIN_FLAGS, "--max-update", "6", "--save-dir", "uninterrupted",
+                            cwd=workdir)
+    return workdir, workdir / "data-bin", workdir / "uninterrupted", logged_losses(output)
+
+
+def test_fairseq_train_checkpoint_holds_no_global_beyond_the_allowlist(trained):
+    _, _, checkpoints, _ = trained
+    path = checkpoints / "checkpoint_last.pt"
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []  # with the plugin's allowlist
+    allowlist = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == ["argparse.Namespace"]
+    finally:
+        torch.serialization.add_safe_globals(allowlist)
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoints / "checkpoint_last.pt"))
+    assert state["cfg"].model.arch == "revcol_transformer_tiny"
+
+
+def test_resume_reproduces_the_uninterrupted_run(trained):
+    workdir, _, checkpoints, uninterrupted = trained
+    assert sorted(uninterrupted) == [1, 2, 3, 4, 5, 6]
+    _, first_half = fairseq_cli("train", "data-bin", *TRAIN_FLAGS, "--max-update", "3", "--save-dir", "resumed",
+                                cwd=workdir)
+    _, second_half = fairseq_cli("train", "data-bin", *TRAIN_FLAGS, "--max-update", "6", "--save-dir", "resumed",
+                                 cwd=workdir)
+    assert "Loaded checkpoint resumed/checkpoint_last.pt (epoch 1 @ 3 updates)" in second_half
+    assert {**logged_losses(first_half), **logged_losses(second_half)} == uninterrupted
+    want = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoints / "checkpoint_last.pt"))["model"]
+    got = checkpoint_utils.load_checkpoint_to_cpu(str(workdir / "resumed" / "checkpoint_last.pt"))["model"]
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_fairseq_generate_with_user_dir_translates_every_sentence(trained):
+    workdir, _, checkpoints, _ = trained
+    _, output = fairseq_cli("generate", "data-bin", "--user-dir", USER_DIR, "--path",
+                            str(checkpoints / "checkpoint_last.pt"), "--gen-subset", "valid", "--beam", "3",
+                            "--batch-size", "8", cwd=workdir)
+    assert len(re.findall(r"^H-\d+\t", output, flags=re.M)) == 24
+
+
+def test_fairseq_generate_without_user_dir_fails_naming_the_checkpoint_global(trained):
+    """Without the plugin nothing of ours runs: torch refuses the checkpoint's argparse.Namespace first
+    (docs/fairseq.md says what this message means)."""
+    workdir, _, checkpoints, _ = trained
+    code, output = fairseq_cli("generate", "data-bin", "--path", str(checkpoints / "checkpoint_last.pt"),
+                               "--gen-subset", "valid", cwd=workdir, expect_ok=False)
+    assert code != 0
+    assert "Unsupported global: GLOBAL argparse.Namespace" in output
+
+
+def test_hub_interface_translates(trained):
+    _, data, checkpoints, _ = trained
+    hub = RevColTransformerModel.from_pretrained(str(checkpoints), checkpoint_file="checkpoint_last.pt",
+                                                 data_name_or_path=str(data))
+    assert isinstance(hub.models[0], RevColTransformerModel)
+    translation = hub.translate("w1 w2 w3 w4", beam=3)
+    assert translation and all(re.fullmatch(r"w\d+|<unk>", token) for token in translation.split())

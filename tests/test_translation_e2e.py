@@ -1,0 +1,263 @@
+"""End to end translation through the real command-line tools: the demo script trains a tiny RevCol-Transformer on
+the synthetic corpus once (module fixture); the tests then check its BLEU, checkpoint averaging, fairseq-interactive,
+fairseq-validate, the WMT data preparation on miniature corpora laid out like the real downloads, and the batch
+arithmetic of the WMT training recipe."""
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_BIN = os.path.dirname(sys.executable)
+DEMO_UPDATES = 400
+# Measured at 400 updates: 74 BLEU (seed 1). Copying the source scores 0.0 (the languages share only the
+# indefinite article), and a model that ignores its input cannot pick the nouns and verbs of a given sentence.
+BLEU_FLOOR = 40.0
+
+
+def run(command, stdin_text=None, **env_overrides):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHON=sys.executable, **env_overrides)
+    return subprocess.run(command, cwd=REPO, env=env, input=stdin_text, capture_output=True, text=True)
+
+
+def check(command, stdin_text=None, **env_overrides):
+    result = run(command, stdin_text, **env_overrides)
+    assert result.returncode == 0, f"{command[:3]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Runs examples/translation/run_demo.sh (corpus, BPE, preprocess, train, generate, score)."""
+    work = tmp_path_factory.mktemp("translation_demo")
+    result = check(["bash", "examples/translation/run_demo.sh", str(work)], MAX_UPDATE=str(DEMO_UPDATES))
+    return work, result.stdout
+
+
+def read_json_log(path):
+    """fairseq's --log-format json lines: the JSON object after the logger prefix of each line."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            if '{"' in line:  # the metric lines; others print Python dicts (the config)
+                records.append(json.loads(line[line.index('{"'):]))
+    return records
+
+
+def test_demo_trains_to_bleu_floor(demo):
+    work, stdout = demo
+    scores = json.load(open(work / "checkpoints" / "bleu.json"))
+    assert scores["sentences"] == 300  # every test sentence translated, none dropped by batching
+    assert scores["tokenized_bleu"] > BLEU_FLOOR, stdout[-2000:]
+    assert "tokenized compound-split BLEU" in stdout and "signature: nrefs:1" in stdout
+
+    valid = [r for r in read_json_log(work / "train.log") if "valid_loss" in r]
+    assert float(valid[-1]["valid_loss"]) < 0.5 * float(valid[0]["valid_loss"])
+    assert max(int(r["valid_num_updates"]) for r in valid) == DEMO_UPDATES
+    assert "@@" not in open(work / "checkpoints" / "generate-test.txt.hyp").read()
+
+
+def test_average_checkpoints_writes_the_mean_and_it_loads(demo, tmp_path):
+    from fairseq import checkpoint_utils
+
+    import revcol_fairseq
+
+    work, _ = demo
+    averaged_path = tmp_path / "averaged.pt"
+    check([sys.executable, "scripts/average_checkpoints.py", str(work / "checkpoints"), "--last", "3",
+           "--output", str(averaged_path)])
+
+    def updates(path):
+        return int(path.stem.split("_")[-1])
+
+    inputs = sorted((work / "checkpoints").glob("checkpoint_*_*.pt"), key=updates)
+    assert [updates(p) for p in inputs] == [200, 300, 400]  # the demo keeps the last 3, 100 updates apart
+    weights = [torch.load(p, map_location="cpu", weights_only=True)["model"] for p in inputs]
+    averaged = torch.load(averaged_path, map_location="cpu", weights_only=True)["model"]
+    assert averaged.keys() == weights[0].keys()
+    for name in ("encoder.embed_tokens.weight", "decoder.layers.0.fc1.weight"):
+        expected = sum(w[name].double() for w in weights) / 3
+        torch.testing.assert_close(averaged[name].double(), expected, rtol=0, atol=1e-6)
+    assert not torch.equal(averaged["decoder.layers.0.fc1.weight"], weights[-1]["decoder.layers.0.fc1.weight"])
+    assert not list(tmp_path.glob("*.tmp"))
+
+    models, _ = checkpoint_utils.load_model_ensemble([str(averaged_path)])
+    assert isinstance(models[0], revcol_fairseq.RevColTransformerModel)
+
+
+def test_interactive_translates_like_generate(demo):
+    work, _ = demo
+    with open(work / "raw" / "test.src") as f:
+        source = f.readline().strip()
+    result = check([os.path.join(VENV_BIN, "fairseq-interactive"), str(work / "data-bin"), "--cpu",
+                    "--user-dir", "revcol_fairseq", "--path", str(work / "checkpoints" / "averaged_last1.pt"),
+                    "--beam", "4", "--lenpen", "0.6", "--bpe", "subword_nmt",
+                    "--bpe-codes", str(work / "bpe" / "codes")], stdin_text=source + "\n")
+    hypotheses = [line.split("\t")[2] for line in result.stdout.splitlines() if line.startswith("D-")]
+    with open(work / "checkpoints" / "generate-test.txt.hyp") as f:
+        assert hypotheses == [f.readline().strip()]
+
+
+def test_validate_reports_low_loss(demo):
+    work, _ = demo
+    result = check([os.path.join(VENV_BIN, "fairseq-validate"), str(work / "data-bin"), "--cpu",
+                    "--task", "translation", "--user-dir", "revcol_fairseq",
+                    "--path", str(work / "checkpoints" / "averaged_last1.pt"), "--valid-subset", "valid",
+                    "--max-tokens", "4000", "--required-batch-size-multiple", "1"])
+    nll_loss = float(re.search(r"nll_loss ([\d.]+)", result.stdout + result.stderr).group(1))
+    assert nll_loss < 1.0  # in bits per token; an untrained model starts near log2(240 types) = 7.9
+
+
+def test_score_translations_orders_splits_compounds_and_rejects_gaps(tmp_path, monkeypatch):
+    generate_output = tmp_path / "generate-test.txt"
+    sentences = {1: "das ist ein well-known Wort-für-Wort Test", 0: "ein kleiner Satz ."}
+    generate_output.write_text("".join(f"S-{i}\tsrc\nT-{i}\t{s}\nH-{i}\t-0.1\t{s}\n" for i, s in sentences.items()))
+    result = check([sys.executable, "scripts/score_translations.py", str(generate_output)])
+    assert "BLEU = 100.00" in result.stdout
+    assert (tmp_path / "generate-test.txt.hyp").read_text().splitlines() == [sentences[0], sentences[1]]
+    monkeypatch.syspath_prepend(os.path.join(REPO, "scripts"))
+    from score_translations import split_compounds
+    # One non-overlapping pass, as the perl one-liner behind the published figures: in "a-b-c" the "b" is
+    # consumed by the first match, so the second hyphen stays.
+    assert split_compounds("Wort-für-Wort a-b-c") == "Wort ##AT##-##AT## für ##AT##-##AT## Wort a ##AT##-##AT## b-c"
+
+    generate_output.write_text("H-0\t-0.1\tein Satz\nH-2\t-0.1\tnoch einer\n")
+    result = run([sys.executable, "scripts/score_translations.py", str(generate_output)])
+    assert result.returncode != 0 and "lacks hypotheses for sentence ids [1]" in result.stderr
+
+
+# WMT data preparation, on miniature corpora laid out like the extracted downloads.
+
+
+def write_lines(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def write_sgml(path, segments):
+    write_lines(path, ['<srcset setid="newstest2014">', '<doc docid="toy">',
+                       *(f'<seg id="{i}">{s}</seg>' for i, s in enumerate(segments, 1)), "</doc>", "</srcset>"])
+
+
+@pytest.fixture(scope="module")
+def toy_pairs(tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("toy_corpus")
+    check([sys.executable, "examples/translation/make_toy_corpus.py", str(corpus), "--train-size", "2700",
+           "--valid-size", "10", "--test-size", "10"])
+    read = lambda name: (corpus / name).read_text(encoding="utf-8").splitlines()  # noqa: E731
+    return list(zip(read("train.src"), read("train.tgt"))), list(zip(read("test.src"), read("test.tgt")))
+
+
+def write_wmt14_en_fr_layout(raw, pairs, test_pairs):
+    """The files of the extracted WMT'14 En-Fr archives, with ``pairs`` spread over the five training corpora."""
+    for i, corpus in enumerate(["training/europarl-v7.fr-en", "commoncrawl.fr-en", "un/undoc.2000.fr-en",
+                                "training/news-commentary-v9.fr-en", "giga-fren.release2.fixed"]):
+        share = pairs[i * len(pairs) // 5:(i + 1) * len(pairs) // 5]
+        write_lines(raw / f"{corpus}.en", [en for en, _ in share])
+        write_lines(raw / f"{corpus}.fr", [fr for _, fr in share])
+    write_sgml(raw / "test-full" / "newstest2014-fren-src.en.sgm", [en for en, _ in test_pairs])
+    write_sgml(raw / "test-full" / "newstest2014-fren-ref.fr.sgm", [fr for _, fr in test_pairs])
+
+
+@pytest.mark.parametrize("subword", ["subword-nmt", "sentencepiece"])
+def test_prepare_wmt14_en_fr_tokenizes_cleans_and_binarizes(tmp_path, toy_pairs, subword):
+    train_pairs, test_pairs = toy_pairs
+    bad_pairs = [("Yes.", "lo " * 10 + "."), ("", "la ."), ("long " * 300, "longue " * 300)]  # removed by cleaning
+    pairs = bad_pairs + [(f"{en.capitalize()}, well-known.", f"{fr.capitalize()} d'accord !")
+                         for en, fr in train_pairs]
+    raw = tmp_path / "raw"
+    test_refs = [f"{fr} l\u2019{fr.split()[-1]}" for _, fr in test_pairs]
+    write_wmt14_en_fr_layout(raw, pairs, [(f"A well-known {en}.", fr) for (en, _), fr in zip(test_pairs, test_refs)])
+
+    text, dest = tmp_path / "text", tmp_path / "data-bin"
+    check([sys.executable, "scripts/prepare_wmt.py", "wmt14-en-fr", "--raw-dir", str(raw), "--text-dir", str(text),
+           "--dest", str(dest), "--subword", subword, "--bpe-tokens", "300", "--workers", "2"])
+
+    assert (dest / "dict.en.txt").read_text() == (dest / "dict.fr.txt").read_text()  # one joined dictionary
+    for split in ("train", "valid", "test"):
+        for lang in ("en", "fr"):
+            assert (dest / f"{split}.en-fr.{lang}.bin").stat().st_size > 0
+    valid_count = len(pairs) // 1333
+    train_lines = (text / "train.clean.en").read_text(encoding="utf-8").splitlines()
+    assert len(train_lines) == len(pairs) - valid_count - len(bad_pairs)
+    assert len((text / "valid.clean.fr").read_text(encoding="utf-8").splitlines()) == valid_count
+    assert "well @-@ known" in (text / "test.tok.en").read_text(encoding="utf-8")  # Moses aggressive hyphens
+    assert (dest / "test.raw.fr").read_text(encoding="utf-8").splitlines() == test_refs  # as published
+    assert "\u2019" not in (text / "test.tok.fr").read_text(encoding="utf-8")  # straightened before tokenizing
+
+
+def test_prepare_wmt14_en_fr_rejects_a_corpus_with_unequal_sides(tmp_path, toy_pairs):
+    train_pairs, test_pairs = toy_pairs
+    raw = tmp_path / "raw"
+    write_wmt14_en_fr_layout(raw, train_pairs[:500], test_pairs)
+    with open(raw / "commoncrawl.fr-en.fr", "a") as f:
+        f.write("une ligne de trop\n")
+    result = run([sys.executable, "scripts/prepare_wmt.py", "wmt14-en-fr", "--raw-dir", str(raw), "--text-dir",
+                  str(tmp_path / "text"), "--dest", str(tmp_path / "data-bin"), "--bpe-tokens", "50", "--workers", "1"])
+    assert result.returncode != 0 and "do not have the same number of lines" in result.stderr, result.stderr
+    assert not (tmp_path / "data-bin").exists()
+
+
+def test_prepare_wmt16_en_de_binarizes_google_corpus(tmp_path, toy_pairs):
+    train_pairs, test_pairs = toy_pairs
+    raw = tmp_path / "wmt16_en_de"
+    splits = {"train.tok.clean.bpe.32000": train_pairs[:200], "newstest2013.tok.bpe.32000": test_pairs,
+              "newstest2014.tok.bpe.32000": test_pairs}
+    for prefix, pairs in splits.items():
+        write_lines(raw / f"{prefix}.en", [en for en, _ in pairs])
+        write_lines(raw / f"{prefix}.de", [de for _, de in pairs])
+    write_lines(raw / "newstest2014.de", [de.capitalize() + "." for _, de in test_pairs])
+    dest = tmp_path / "data-bin"
+    check([sys.executable, "scripts/prepare_wmt.py", "wmt16-en-de", "--raw-dir", str(raw), "--dest", str(dest),
+           "--workers", "1"])
+    assert (dest / "dict.en.txt").read_text() == (dest / "dict.de.txt").read_text()
+    assert (dest / "test.en-de.de.bin").stat().st_size > 0
+    assert (dest / "test.raw.de").read_text() == (raw / "newstest2014.de").read_text()
+
+
+@pytest.mark.parametrize("dataset, missing, url", [
+    ("wmt16-en-de", "train.tok.clean.bpe.32000.en", "https://drive.google.com/uc?export=download&id="),
+    ("wmt14-en-fr", "europarl-v7.fr-en.en", "http://statmt.org/wmt13/training-parallel-europarl-v7.tgz"),
+])
+def test_prepare_wmt_names_the_missing_download(tmp_path, dataset, missing, url):
+    extra = ["--text-dir", str(tmp_path / "text")] if dataset == "wmt14-en-fr" else []
+    result = run([sys.executable, "scripts/prepare_wmt.py", dataset, "--raw-dir", str(tmp_path / "raw"),
+                  "--dest", str(tmp_path / "data-bin"), *extra])
+    assert result.returncode != 0
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and missing in error[0] and url in error[0], result.stderr
+    assert not (tmp_path / "data-bin").exists() and not (tmp_path / "text").exists()
+
+
+# WMT training recipe: the paper's batch for 1 to 8 GPUs, and flags fairseq accepts.
+
+
+@pytest.mark.parametrize("task, batch_tokens, arch, lr, dropout, max_update", [
+    ("en-de", 28672, "revcol_transformer", 5e-4, 0.3, 300000),
+    ("en-fr", 86016, "revcol_transformer_wmt_en_fr", 7e-4, 0.1, 200000),
+])
+def test_train_recipe_reaches_paper_batch_for_1_to_8_gpus(task, batch_tokens, arch, lr, dropout, max_update):
+    from fairseq import options
+
+    for gpus in range(1, 9):
+        result = check(["bash", "scripts/train_wmt.sh", task, "data-bin/x", "checkpoints/x"],
+                       GPUS=str(gpus), DRY_RUN="1")
+        argv = shlex.split(result.stdout.splitlines()[-1])
+        argv = argv[argv.index("fairseq_cli.train") + 1:]
+        args = options.parse_args_and_arch(options.get_training_parser(), input_args=argv)
+        tokens = gpus * args.max_tokens * args.update_freq[0]
+        assert args.max_tokens <= 3584 and 0.999 * batch_tokens <= tokens <= batch_tokens
+        assert args.distributed_world_size == gpus
+        assert (args.arch, args.lr, args.dropout, args.max_update) == (arch, [lr], dropout, max_update)
+        assert args.fp16 and args.share_all_embeddings and args.warmup_updates == 4000
+        assert args.adam_betas == "(0.9, 0.98)" and args.label_smoothing == 0.1 and args.clip_norm == 0.0
+
+
+def test_train_recipe_rejects_bad_gpu_count():
+    result = run(["bash", "scripts/train_wmt.sh", "en-de", "data-bin/x", "checkpoints/x"], GPUS="16", DRY_RUN="1")
+    assert result.returncode != 0 and "GPUS must be 1 to 8" in result.stderr

@@ -1,0 +1,223 @@
+"""RevCol-ViT through timm: every variant builds and trains, reversible equals plain, timm's model API works."""
+import pytest
+import timm
+import torch
+from timm.models import group_parameters
+from timm.optim import create_optimizer_v2
+from torch import nn
+
+import revcol_vit
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, num_classes=5)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(name="revcol_vit_b_4x8", **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, **dict(TINY, **kwargs))
+
+
+def expected_params(embed_dim, depths, columns, num_heads, num_classes, in_chans=3, patch_size=16, tokens=196):
+    """Parameter count implied by Appendix B.1: ViT blocks, linear + LayerNorm fusions, channel-wise gammas."""
+    C, L = embed_dim, len(depths)
+    attention = (3 * C * C + 3 * C) + num_heads + (C * C + C)       # qkv, per-head logit scale, proj
+    mlp = (4 * C * C + 4 * C) + (4 * C * C + C)                      # fc1, fc2
+    block = attention + mlp + 2 * (2 * C)                            # and two post-LayerNorms
+    fusions = columns * L + (columns - 1) * (L - 1)     # a lower input everywhere, a higher one below the top
+    return (in_chans * patch_size ** 2 * C + C + tokens * C + columns * sum(depths) * block
+            + fusions * (C * C + 3 * C) + (columns - 1) * L * C + 2 * C + C * num_classes + num_classes)
+
+
+def test_registered_names():
+    assert sorted(timm.list_models("revcol_vit*")) == sorted(revcol_vit.VARIANTS)
+
+
+@pytest.mark.parametrize("name", ["revcol_vit_s", "revcol_vit_b"])
+def test_full_size_parameter_count(name):
+    cfg = revcol_vit.VARIANTS[name]
+    model = timm.create_model(name)
+    expected = expected_params(cfg["embed_dim"], cfg["depths"], cfg["columns"], cfg["num_heads"], 1000)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+@pytest.mark.parametrize("name", list(revcol_vit.VARIANTS))
+def test_variant_builds_and_runs_forward_and_backward(name):
+    cfg = revcol_vit.VARIANTS[name]
+    model = tiny(name)
+    assert len(model.revcol.columns) == cfg["columns"]
+    assert [len(level.blocks) for level in model.revcol.columns[-1].levels] == list(cfg["depths"])
+    assert model.revcol.columns[0].levels[-1].blocks[-1].drop_path.p == pytest.approx(cfg["drop_path_rate"])
+    assert sum(p.numel() for p in model.parameters()) == expected_params(
+        32, cfg["depths"], cfg["columns"], 2, 5, patch_size=8, tokens=16)
+
+    x = torch.randn(2, 3, 32, 32)
+    logits = model(x)
+    assert logits.shape == (2, 5)
+    logits.logsumexp(-1).sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+
+
+def test_sweep_toy_scale_call():
+    model = timm.create_model("revcol_vit_b_4x8", embed_dim=64, num_heads=4, patch_size=4, img_size=32,
+                              num_classes=10)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32)  # what timm's data config will resize to
+
+
+def test_reversible_matches_plain_in_full_model():
+    """Same outputs and gradients (input and every parameter) with drop path active, in float64."""
+    model = tiny(drop_path_rate=0.3, gamma_init=0.5).double().train()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def run(reversible):
+        model.reversible = reversible
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)  # same drop path masks in both modes
+        out = model(xi)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return out.detach(), xi.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    out_rev, gx_rev, grads_rev = run(True)
+    out_plain, gx_plain, grads_plain = run(False)
+    torch.testing.assert_close(out_rev, out_plain, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gx_rev, gx_plain, rtol=1e-8, atol=1e-10)
+    for name in grads_plain:
+        torch.testing.assert_close(grads_rev[name], grads_plain[name], rtol=1e-8, atol=1e-10, msg=name)
+    assert grads_plain["revcol.columns.3.gammas.0"].abs().sum() > 0
+
+
+def colour_images(n, generator):
+    """Noise images whose class (0-2) is the channel shifted up: learnable, not memorizable."""
+    y = torch.randint(0, 3, (n,), generator=generator)
+    x = torch.randn(n, 3, 32, 32, generator=generator)
+    x[torch.arange(n), y] += 0.5
+    return x, y
+
+
+def test_reversible_training_learns_held_out_task():
+    model = tiny(num_classes=3)
+    assert model.reversible
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    for _ in range(25):
+        x, y = colour_images(32, generator)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    x, y = colour_images(256, generator)
+    with torch.no_grad():
+        accuracy = (model.eval()(x).argmax(-1) == y).float().mean().item()
+    assert accuracy > 0.9  # chance is 1/3
+
+
+def test_features_only_returns_last_column_levels_as_maps():
+    torch.manual_seed(0)
+    features = timm.create_model("revcol_vit_b_4x8", features_only=True, **dict(TINY, patch_size=4)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    maps = features(x)
+    assert [m.shape for m in maps] == [(2, 32, 8, 8)] * 4
+    assert features.feature_info.channels() == [32] * 4 and features.feature_info.reduction() == [4] * 4
+    assert isinstance(features.model.head, nn.Identity)  # pruned: a feature extractor has no classifier
+    tokens = features.model.forward_features(x)
+    torch.testing.assert_close(maps[-1], tokens.transpose(1, 2).reshape(2, 32, 8, 8))
+
+    picked = timm.create_model("revcol_vit_b_4x8", features_only=True, out_indices=(0, 2), **TINY)
+    assert len(picked(x)) == 2 and picked.feature_info.channels() == [32, 32]
+
+
+def test_forward_intermediates_and_head():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 32, 32)
+    final, levels = model.forward_intermediates(x, output_fmt="NLC")
+    assert len(levels) == 4 and all(level.shape == (2, 16, 32) for level in levels)
+    torch.testing.assert_close(final, levels[-1])
+    pooled = model.forward_head(final, pre_logits=True)
+    assert pooled.shape == (2, 32)
+    torch.testing.assert_close(model(x), model.head(pooled))
+
+
+def test_reset_classifier_and_get_classifier():
+    model = tiny()
+    x = torch.randn(2, 3, 32, 32)
+    model.reset_classifier(7)
+    assert model.get_classifier().out_features == 7 and model(x).shape == (2, 7)
+    model.reset_classifier(0)
+    assert isinstance(model.get_classifier(), nn.Identity) and model(x).shape == (2, 32)
+    model.reset_classifier(0, global_pool="")
+    assert model(x).shape == (2, 16, 32)
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_group_matcher_orders_every_parameter_once(coarse):
+    model = tiny()
+    names = [n for n, _ in model.named_parameters()]
+    groups = group_parameters(model, model.group_matcher(coarse=coarse))
+    grouped = [n for lid in sorted(groups) for n in groups[lid]]
+    assert sorted(grouped) == sorted(names) and len(grouped) == len(set(grouped))
+
+    layer = group_parameters(model, model.group_matcher(coarse=coarse), reverse=True)
+    last = max(layer.values())
+    assert {layer[n] for n in names if n.startswith(("patch_embed", "pos_embed"))} == {0}
+    assert {n for n in names if layer[n] == last} == {"norm.weight", "norm.bias", "head.weight", "head.bias"}
+    per_column = [{layer[n] for n in names if n.startswith(f"revcol.columns.{c}.")} for c in range(4)]
+    assert all(max(a) < min(b) for a, b in zip(per_column, per_column[1:]))
+    # fine: stem, then per level its fusion and each of its 2 blocks (gamma with the last block), then head
+    assert last + 1 == (6 if coarse else 2 + 4 * 4 * 3)
+    if not coarse:
+        assert layer["revcol.columns.2.gammas.1"] == layer["revcol.columns.2.levels.1.blocks.1.norm2.bias"]
+
+
+def test_no_weight_decay_names_reach_timm_optimizer():
+    model = tiny()
+    skip = model.no_weight_decay()
+    params = dict(model.named_parameters())
+    assert skip <= params.keys()
+    assert "pos_embed" in skip
+    assert sum(".gammas." in n for n in skip) == 3 * 4
+    assert sum(n.endswith("attn.logit_scale") for n in skip) == 4 * 8
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert all(id(params[n]) in no_decay for n in skip)
+    assert id(params["head.weight"]) not in no_decay
+
+
+def test_layer_decay_scales_stem_lowest():
+    model = tiny()
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.9)
+    scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    assert scale[id(model.pos_embed)] == min(scale.values())
+    assert scale[id(model.head.weight)] == 1.0
+
+
+def test_set_grad_checkpointing_keeps_model_working():
+    model = tiny()
+    model.set_grad_checkpointing(True)
+    assert model.reversible and model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(embed_dim=30, num_heads=4), "embed_dim 30 is not divisible by num_heads 4"),
+    (dict(img_size=30), "img_size 30x30 is not a multiple of patch_size 8"),
+    (dict(patch_size=64), "img_size 32x32 is not a multiple of patch_size 64"),
+    (dict(global_pool="max"), "global_pool must be 'avg' or ''"),
+    (dict(columns=0), "need at least 1 column"),
+    (dict(depths=(2,)), "depths must list at least 2 levels"),
+    (dict(pretrained=True), "no pretrained weights exist for revcol_vit_b_4x8"),
+])
+def test_bad_kwargs_raise_one_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**kwargs)
+
+
+def test_wrong_input_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="input is 64x64 but the model was built for img_size 32x32"):
+        tiny()(torch.randn(1, 3, 64, 64))

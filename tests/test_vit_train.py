@@ -1,0 +1,214 @@
+"""RevCol-ViT training, validation and column sweep CLIs on a real image folder: scikit-learn's digits at 32x32."""
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import revcol_vit.train as train_module
+from revcol_vit.config import UsageError
+from revcol_vit.sweep import main as sweep_main
+from revcol_vit.train import parse_args, train
+from revcol_vit.validate import main as validate_main
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples" / "vit"))
+from make_digits import write_digits  # noqa: E402  (the example script that builds the toy data set)
+
+TOY_MODEL = ["--model", "revcol_vit_s", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32",
+             "--num-heads", "2", "--depths", "1", "1", "1", "1", "--columns", "2", "--workers", "0"]
+# Every random augmentation off (and no stochastic depth), for runs that must match each other step for step.
+NO_AUGMENTATION = ["--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--smoothing", "0",
+                   "--scale", "1", "1", "--ratio", "1", "1", "--hflip", "0", "--drop-path", "0", "--ema-decay", "0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CI shares 2 cores; one thread also keeps float reductions in a fixed order
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return write_digits(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="module")
+def small_digits(tmp_path_factory) -> Path:
+    """20 images per class: 16 train, 4 val."""
+    return write_digits(tmp_path_factory.mktemp("small_digits"), per_class=20)
+
+
+def run_train(data: Path, output: Path, *flags: str):
+    return train(parse_args(["--data", str(data), "--output", str(output), *TOY_MODEL, *flags]))
+
+
+def read_csv(path: Path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(digits, tmp_path_factory):
+    """8 epochs on the 1437 training digits; small learning rates train these tiny post-norm models fastest."""
+    output = tmp_path_factory.mktemp("trained")
+    history = run_train(digits, output, *NO_AUGMENTATION, "--scale", "0.8", "1", "--epochs", "8",
+                        "--warmup-epochs", "0.5", "--batch-size", "32", "--lr", "1e-4", "--lr-base-batch", "32")
+    return output, history
+
+
+def test_short_training_learns_digits(trained):
+    output, history = trained
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.2
+    assert history[-1]["val_top1"] > 50.0  # chance is 10%
+    log = read_csv(output / "log.csv")
+    assert [int(row["epoch"]) for row in log] == list(range(1, 9))
+    assert float(log[-1]["val_top1"]) == pytest.approx(history[-1]["val_top1"])
+    assert {"train_loss", "val_top5", "lr", "epoch_time_s"} <= set(log[0])
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(output / "tensorboard"))
+    assert not [name for name in os.listdir(output) if name.endswith(".tmp")]
+
+
+def test_validate_cli_prints_the_logged_accuracy(trained, digits, capsys):
+    output, history = trained
+    validate_main(["--model", "revcol_vit_s", "--checkpoint", str(output / "checkpoint.pth"), "--data", str(digits),
+                   "--workers", "0", "--batch-size", "50"])
+    top1 = re.search(r"top-1 (\d+\.\d+)", capsys.readouterr().out).group(1)
+    assert top1 == f"{history[-1]['val_top1']:.2f}"
+
+
+def test_resume_reproduces_the_uninterrupted_run(small_digits, tmp_path, monkeypatch):
+    """With the full recipe's randomness (RandAugment, mixup/cutmix, random erasing, drop path, EMA)."""
+    flags = ["--epochs", "3", "--warmup-epochs", "1", "--batch-size", "16", "--lr", "1e-4", "--lr-base-batch", "16",
+             "--ema-decay", "0.9"]
+    uninterrupted = run_train(small_digits, tmp_path / "a", *flags)
+
+    class Crash(Exception):
+        pass
+
+    write_csv = train_module.write_csv
+
+    def crash_after_epoch_2(rows, path):
+        write_csv(rows, path)
+        if len(rows) == 2:
+            raise Crash
+
+    monkeypatch.setattr(train_module, "write_csv", crash_after_epoch_2)
+    with pytest.raises(Crash):
+        run_train(small_digits, tmp_path / "b", *flags)
+    monkeypatch.undo()
+    resumed = run_train(small_digits, tmp_path / "b", *flags, "--resume", str(tmp_path / "b" / "checkpoint.pth"))
+
+    for key in ("step", "train_loss", "val_loss", "val_top1", "ema_top1", "lr"):
+        assert resumed[2][key] == pytest.approx(uninterrupted[2][key], rel=1e-6, abs=1e-9), key
+    a, b = (torch.load(tmp_path / run / "checkpoint.pth", weights_only=False) for run in ("a", "b"))
+    for name, weight in a["model"].items():
+        assert torch.allclose(weight, b["model"][name], rtol=0, atol=1e-6), name
+    assert [int(row["epoch"]) for row in read_csv(tmp_path / "b" / "log.csv")] == [1, 2, 3]
+
+
+def test_sweep_writes_csv_and_png(small_digits, tmp_path):
+    sweep_main(["--data", str(small_digits), "--output", str(tmp_path), "--img-size", "32", "--patch-size", "8",
+                "--embed-dim", "16", "--num-heads", "2", "--epochs", "1", "--batch-size", "32", "--lr", "1e-4",
+                "--lr-base-batch", "32", "--warmup-epochs", "0", "--workers", "0", *NO_AUGMENTATION])
+    rows = read_csv(tmp_path / "sweep.csv")
+    assert [row["variant"] for row in rows] == ["1x32", "2x16", "4x8", "8x4"]
+    assert [int(row["columns"]) for row in rows] == [1, 2, 4, 8]
+    assert [int(row["blocks_per_column"]) for row in rows] == [32, 16, 8, 4]
+    for row in rows:
+        assert 0 <= float(row["top1"]) <= 100
+        assert float(row["params_m"]) > 0 and float(row["gflops"]) > 0 and float(row["memory_mb"]) > 0
+        assert row["memory_kind"] == "saved for backward per image"
+        assert (tmp_path / row["variant"] / "checkpoint.pth").is_file()
+    # Reversible columns keep activation memory flat in the number of columns.
+    assert len({round(float(row["memory_mb"]), 6) for row in rows}) == 1
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_yaml_recipe_overrides_defaults_and_flags_override_it(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("epochs: 5\nbatch-size: 256\nlr: 1e-3\n")  # YAML reads 1e-3 as a string
+    args = parse_args(["--data", "d", "--config", str(recipe), "--batch-size", "64"])
+    assert (args.epochs, args.batch_size, args.lr) == (5, 64, 1e-3)
+    assert (args.warmup_epochs, args.mixup, args.aa) == (20, 0.8, "rand-m9-mstd0.5-inc1")  # Table 11
+    for text, message in [("learning_rate: 1.0\n", "unknown options: learning_rate"),
+                          ("amp: fp32\n", "amp = 'fp32' is not one of bf16, fp16, none"),
+                          ("epochs: many\n", "epochs = 'many' is not a int")]:
+        recipe.write_text(text)
+        with pytest.raises(UsageError, match=message):
+            parse_args(["--data", "d", "--config", str(recipe)])
+
+
+def test_example_imagenet_recipe_is_table_11():
+    args = parse_args(["--data", "d", "--config", str(REPO / "examples" / "vit" / "imagenet1k_revcol_vit_b.yaml")])
+    assert args.model == "revcol_vit_b" and args.drop_path is None  # the model's 0.2
+    assert vars(args) == {**vars(parse_args(["--data", "d", "--model", "revcol_vit_b", "--amp", "bf16",
+                                              "--workers", "10"])), "config": args.config}
+
+
+def make_folder(root: Path, empty_class: bool = False) -> Path:
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            if not (empty_class and split == "train" and label == "b"):
+                Image.new("RGB", (32, 32)).save(folder / "0.png")
+    return root
+
+
+@pytest.mark.parametrize("case, flags, message", [
+    ("missing data", [], "data directory .*missing does not exist"),
+    ("unknown model", ["--model", "revcol_vit_nope"], "unknown model 'revcol_vit_nope'"),
+    ("empty class", [], r"class folder .*train[/\\]b has no images"),
+    ("indivisible batch", ["--batch-size", "30", "--accum-steps", "4"],
+     "--batch-size 30 is not divisible by world size 1 x --accum-steps 4"),
+])
+def test_bad_input_is_one_clear_error(tmp_path, case, flags, message):
+    data = tmp_path / "missing" if case == "missing data" else make_folder(tmp_path / "data", case == "empty class")
+    with pytest.raises(UsageError, match=message):
+        run_train(data, tmp_path / "out", *flags)
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def test_cli_prints_bad_input_as_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "revcol_vit.train", "--data", str(tmp_path / "missing")],
+                            cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: data directory {tmp_path / 'missing'} does not exist"]
+
+
+def test_corrupt_image_is_skipped_with_a_warning(small_digits, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(small_digits, data)
+    (data / "train" / "digit3" / "corrupt.png").write_bytes(b"not a png")
+    # 160 + 1 images in batches of 7: no batch is dropped, so the corrupt image is read.
+    history = run_train(data, tmp_path / "out", *NO_AUGMENTATION, "--epochs", "1", "--batch-size", "7")
+    assert history[0]["step"] == 23
+    assert "Skipped sample" in caplog.text and "corrupt.png" in caplog.text
+
+
+def test_two_process_ddp_matches_one_process_with_accumulation(small_digits, tmp_path):
+    """Same global batches: 2 gloo ranks of 16 images vs. 1 process accumulating 2 micro-batches of 16."""
+    flags = [*TOY_MODEL, *NO_AUGMENTATION, "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "32",
+             "--lr", "1e-4", "--lr-base-batch", "32"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "revcol_vit.train", "--data", str(small_digits), "--output", str(tmp_path / "ddp"), *flags]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = read_csv(tmp_path / "ddp" / "log.csv")
+    single = run_train(small_digits, tmp_path / "single", *NO_AUGMENTATION, "--epochs", "2", "--warmup-epochs", "0",
+                       "--batch-size", "32", "--lr", "1e-4", "--lr-base-batch", "32", "--accum-steps", "2")
+    assert len(ddp) == len(single) == 2
+    for ddp_row, row in zip(ddp, single):
+        assert int(ddp_row["step"]) == row["step"] == 5 * int(ddp_row["epoch"])
+        assert float(ddp_row["train_loss"]) == pytest.approx(row["train_loss"], rel=1e-5)
+        assert float(ddp_row["val_loss"]) == pytest.approx(row["val_loss"], rel=1e-5)

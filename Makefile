@@ -1,6 +1,6 @@
 PY := .venv/bin/python
 
-.PHONY: setup test lint translate-demo
+.PHONY: setup test lint
 
 # Installs everything into .venv: torch first (the CPU-capable build this project is tested with), then the project.
 setup:

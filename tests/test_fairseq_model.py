@@ -2,7 +2,6 @@
 import json
 import os
 import pickle
-import random
 import re
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from fairseq import checkpoint_utils, options
 from fairseq.data import Dictionary
 from fairseq.data.data_utils import collate_tokens
 from fairseq.sequence_generator import SequenceGenerator
+from toy_corpus import write_reversal_corpus
 
 from revcol import count_saved_bytes
 from revcol_fairseq import RevColTransformerModel
@@ -273,12 +273,7 @@ def logged_losses(output):
 def trained(tmp_path_factory):
     """Binarized toy data and a 6-update fairseq-train run: (workdir, data dir, checkpoint dir, logged losses)."""
     workdir = tmp_path_factory.mktemp("fairseq")
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(30)]
-    for split, count in (("train", 300), ("valid", 24)):
-        sentences = [rng.choices(words, k=rng.randint(3, 9)) for _ in range(count)]
-        (workdir / f"{split}.src").write_text("".join(" ".join(s) + "\n" for s in sentences))
-        (workdir / f"{split}.tgt").write_text("".join(" ".join(reversed(s)) + "\n" for s in sentences))
+    write_reversal_corpus(workdir)
     fairseq_cli("preprocess", "--source-lang", "src", "--target-lang", "tgt", "--trainpref", "train",
                 "--validpref", "valid", "--destdir", "data-bin", "--joined-dictionary", "--workers", "1", cwd=workdir)
     _, output = fairseq_cli("train", "data-bin", *TRAIN_FLAGS, "--max-update", "6", "--save-dir", "uninterrupted",

@@ -5,7 +5,6 @@ one process that accumulates the same global batches.
 """
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_corpus import write_reversal_corpus
 
 from revcol_vit.train import parse_args, train
 
@@ -23,14 +23,6 @@ from make_digits import write_digits  # noqa: E402  (the example script that bui
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 TIMEOUT_S = 150
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # CI shares 2 cores; one thread also keeps float reductions in a fixed order
-    yield
-    torch.set_num_threads(threads)
 
 
 def free_port() -> int:
@@ -147,12 +139,7 @@ def last_checkpoint(save_dir: Path):
 def fairseq_single(tmp_path_factory):
     """Binarized toy data and the reference: one process, 3 updates of 2 accumulated batches each."""
     workdir = tmp_path_factory.mktemp("fairseq")
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(30)]
-    for split, count in (("train", 300), ("valid", 24)):
-        sentences = [rng.choices(words, k=rng.randint(3, 9)) for _ in range(count)]
-        (workdir / f"{split}.src").write_text("".join(" ".join(s) + "\n" for s in sentences))
-        (workdir / f"{split}.tgt").write_text("".join(" ".join(reversed(s)) + "\n" for s in sentences))
+    write_reversal_corpus(workdir)
     preprocess = [sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", "src", "--target-lang", "tgt",
                   "--trainpref", "train", "--validpref", "valid", "--destdir", "data-bin", "--joined-dictionary",
                   "--workers", "1"]

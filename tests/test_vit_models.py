@@ -11,14 +11,6 @@ import revcol_vit
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, num_classes=5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(name="revcol_vit_b_4x8", **kwargs):
     torch.manual_seed(0)
     return timm.create_model(name, **dict(TINY, **kwargs))

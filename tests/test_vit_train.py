@@ -28,14 +28,6 @@ NO_AUGMENTATION = ["--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", 
                    "--scale", "1", "1", "--ratio", "1", "1", "--hflip", "0", "--drop-path", "0", "--ema-decay", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # CI shares 2 cores; one thread also keeps float reductions in a fixed order
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     return write_digits(tmp_path_factory.mktemp("digits"))

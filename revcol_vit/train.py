@@ -12,6 +12,7 @@ import csv
 import logging
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -233,7 +234,10 @@ def all_reduce_sum(values: List[float], d: Dist) -> List[float]:
 
 
 def rng_state(device: torch.device) -> Dict[str, Any]:
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    # NumPy's state as plain types, so that checkpoints load with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian))
+    state = dict(python=random.getstate(), numpy=numpy_state, torch=torch.get_rng_state())
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -241,7 +245,8 @@ def rng_state(device: torch.device) -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -281,8 +286,13 @@ def write_csv(rows: List[Dict[str, Any]], path: str) -> None:
 def load_checkpoint(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} does not exist")
-    # Our own checkpoints hold RNG states and args, which need the full unpickler.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # Safe loading: a checkpoint is plain data (tensors, containers, numbers, strings); one that pickles anything
+    # else, code included, is refused rather than run.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "not plain data")
+        raise UsageError(f"checkpoint {path} holds more than plain data and is refused ({reason[:160]})") from None
 
 
 # --- training -------------------------------------------------------------------------------------------------------

@@ -204,3 +204,29 @@ def test_two_process_ddp_matches_one_process_with_accumulation(small_digits, tmp
         assert int(ddp_row["step"]) == row["step"] == 5 * int(ddp_row["epoch"])
         assert float(ddp_row["train_loss"]) == pytest.approx(row["train_loss"], rel=1e-5)
         assert float(ddp_row["val_loss"]) == pytest.approx(row["val_loss"], rel=1e-5)
+
+
+class RunsCode:
+    """Unpickling this calls ``Path.touch(marker)``: stands for any code a hostile checkpoint would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_checkpoint_that_pickles_a_callable_is_refused_and_never_runs(small_digits, tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    hostile = tmp_path / "hostile.pth"
+    torch.save({"args": {"model": "revcol_vit_s"}, "model": RunsCode(marker)}, hostile)
+    with pytest.raises(SystemExit) as exit_info:
+        validate_main(["--model", "revcol_vit_s", "--checkpoint", str(hostile), "--data", str(small_digits),
+                       "--workers", "0"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"error: checkpoint {hostile} holds more than plain data")
+    assert "Unsupported global" in error[0]
+    with pytest.raises(UsageError, match="holds more than plain data and is refused"):
+        run_train(small_digits, tmp_path / "out", "--batch-size", "16", "--resume", str(hostile))
+    assert not marker.exists()

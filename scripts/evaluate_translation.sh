@@ -27,7 +27,7 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
-test_index=$(find "$DATA_BIN" -maxdepth 1 -name 'test.*-*.*.idx' | head -n 1)
+test_index=$(find "$DATA_BIN" -maxdepth 1 -name 'test.*-*.*.idx' -print -quit)
 if [[ -z "$test_index" ]]; then
     echo "error: $DATA_BIN has no binarized test split (test.<src>-<tgt>.*.idx): run fairseq-preprocess first" >&2
     exit 1

@@ -62,4 +62,5 @@ rm -rf "$WORK/checkpoints" "$WORK/train.log"
 echo "== 5/5 translate the test set with the last checkpoint, score"
 LAST=1 MAX_TOKENS=4000 "$REPO/scripts/evaluate_translation.sh" "$WORK/data-bin" "$WORK/checkpoints" --cpu
 echo "== done in $((SECONDS - start)) s; example translations:"
-paste "$WORK/raw/test.src" "$WORK/checkpoints/generate-test.txt.hyp" | head -n 3 | sed 's/\t/\n  -> /'
+# Only the first lines go into the pipe: with pipefail, a paste cut off by head would fail the demo (SIGPIPE).
+paste <(head -n 3 "$WORK/raw/test.src") <(head -n 3 "$WORK/checkpoints/generate-test.txt.hyp") | sed 's/\t/\n  -> /'

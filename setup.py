@@ -8,7 +8,7 @@ setup(
     packages=find_packages(include=["revcol", "revcol_fairseq", "revcol_vit"]),
     python_requires=">=3.9",
     install_requires=[
-        "torch>=2.6",
+        "torch>=2.7",  # torch._dynamo.config.recompile_limit (compile_levels)
         "timm",
         "sentencepiece",
         "subword-nmt",

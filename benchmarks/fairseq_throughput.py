@@ -20,7 +20,12 @@ from pathlib import Path
 import torch
 
 ARCHS = ["transformer_wmt_en_de_big", "revcol_transformer"]
-RUNS = [("transformer_wmt_en_de_big", "fp16"), ("revcol_transformer", "fp16"), ("revcol_transformer", "amp")]
+RUNS = [  # (arch, precision, extra flags)
+    ("transformer_wmt_en_de_big", "fp16", ()),
+    ("revcol_transformer", "fp16", ()),
+    ("revcol_transformer", "fp16", ("--revcol-compile",)),
+    ("revcol_transformer", "amp", ()),
+]
 DICT_SIZE, SENT_LEN = 32768, 30
 
 
@@ -35,7 +40,7 @@ def parse_args():
     return p.parse_args()
 
 
-def train_wps(arch, precision, max_tokens, args):
+def train_wps(arch, precision, extra, max_tokens, args):
     cmd = [sys.executable, "-m", "fairseq_cli.train", "--user-dir", "revcol_fairseq", "--task", "dummy_mt",
            "--dict-size", str(DICT_SIZE),
            "--src-len", str(SENT_LEN), "--tgt-len", str(SENT_LEN), "--dataset-size", "1000000",
@@ -43,10 +48,11 @@ def train_wps(arch, precision, max_tokens, args):
            "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000",
            "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", f"--{precision}",
            "--max-tokens", str(max_tokens), "--max-update", str(args.updates), "--disable-validation",
-           "--no-save", "--log-format", "json", "--log-interval", str(args.log_interval), "--num-workers", "0"]
+           "--no-save", "--log-format", "json", "--log-interval", str(args.log_interval), "--num-workers", "0", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if args.log_dir:
-        Path(args.log_dir, f"{arch}_{precision}_{max_tokens}.log").write_text(out.stdout + out.stderr)
+        name = "_".join([arch, precision, *(flag.strip("-") for flag in extra), str(max_tokens)])
+        Path(args.log_dir, f"{name}.log").write_text(out.stdout + out.stderr)
     if out.returncode != 0:
         sys.exit(f"fairseq-train failed for {arch}:\n{out.stderr[-3000:]}")
     params = None
@@ -94,18 +100,19 @@ def main():
     assert torch.cuda.is_available(), "this benchmark measures GPU throughput"
     print(f"# {torch.cuda.get_device_name()}, {date.today()}, torch {torch.__version__}, fp16, dummy_mt "
           f"dict {DICT_SIZE}, {SENT_LEN}-token sentences")
-    print("| arch | precision | params | max tokens | train words/s |\n|---|---|---|---|---|")
+    print("| arch | precision | flags | params | max tokens | train words/s |\n|---|---|---|---|---|---|")
     train = {}
     for max_tokens in map(int, args.max_tokens.split(",")):
-        for arch, precision in RUNS:
-            params, wps = train_wps(arch, precision, max_tokens, args)
-            train[arch, precision, max_tokens] = wps
-            print(f"| {arch} | {precision} | {params / 1e6:.1f}M | {max_tokens} | {wps:.0f} |", flush=True)
+        for arch, precision, extra in RUNS:
+            params, wps = train_wps(arch, precision, extra, max_tokens, args)
+            train[arch, precision, extra, max_tokens] = wps
+            print(f"| {arch} | {precision} | {' '.join(extra)} | {params / 1e6:.1f}M | {max_tokens} | {wps:.0f} |",
+                  flush=True)
     for max_tokens in map(int, args.max_tokens.split(",")):
-        big = train["transformer_wmt_en_de_big", "fp16", max_tokens]
-        print(f"max tokens {max_tokens}: training words/s revcol / big (fp16) = "
-              f"{train['revcol_transformer', 'fp16', max_tokens] / big:.2f}, revcol --amp / big --fp16 = "
-              f"{train['revcol_transformer', 'amp', max_tokens] / big:.2f}")
+        big = train[RUNS[0] + (max_tokens,)]
+        print(f"max tokens {max_tokens}: training words/s against {RUNS[0][0]} --fp16: " + ", ".join(
+            f"{arch} --{precision} {' '.join(extra)} {train[arch, precision, extra, max_tokens] / big:.2f}"
+            for arch, precision, extra in RUNS[1:]))
     gen = {arch: generation_speed(arch, args) for arch in ARCHS}
     for arch in ARCHS:
         print(f"generation, beam 4, batch {args.gen_batch}: {arch} {gen[arch]:.1f} sentences/s")

@@ -20,22 +20,24 @@ import torch
 
 import revcol_vit  # noqa: F401  (registers the RevCol-ViT models with timm)
 
-CANDIDATES = {  # label -> (timm name, kwargs)
+CANDIDATES = {  # label -> (timm name, kwargs); "compiled" ones run with their levels compiled
     "revcol_vit_s": ("revcol_vit_s", {"reversible": True}),
+    "revcol_vit_s compiled": ("revcol_vit_s", {"reversible": True}),
     "revcol_vit_s plain": ("revcol_vit_s", {"reversible": False}),
     "vit_small_patch16_224": ("vit_small_patch16_224", {}),
     "revcol_vit_b": ("revcol_vit_b", {"reversible": True}),
+    "revcol_vit_b compiled": ("revcol_vit_b", {"reversible": True}),
     "vit_base_patch16_224": ("vit_base_patch16_224", {}),
 }
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="revcol_vit_s,revcol_vit_s plain,vit_small_patch16_224")
+    p.add_argument("--models", default="revcol_vit_s,revcol_vit_s compiled,revcol_vit_s plain,vit_small_patch16_224")
     p.add_argument("--batches", default="64,128,256")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--amp", choices=["bf16", "fp16"], default="bf16")
-    p.add_argument("--budget-models", default="revcol_vit_b,vit_base_patch16_224")
+    p.add_argument("--budget-models", default="revcol_vit_b,revcol_vit_b compiled,vit_base_patch16_224")
     p.add_argument("--budget-gib", type=float, default=16.0)
     p.add_argument("--out", default="benchmarks/results/vit_throughput")
     return p.parse_args()
@@ -46,6 +48,8 @@ class Trainer:
         name, kwargs = CANDIDATES[label]
         torch.manual_seed(0)
         self.model = timm.create_model(name, num_classes=1000, **kwargs).cuda().train()
+        if label.endswith("compiled"):
+            self.model.revcol.compile_levels()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.scaler = torch.amp.GradScaler(enabled=amp == "fp16")
@@ -66,7 +70,7 @@ def batch(n):
 
 def throughput(trainer, n, steps):
     x, y = batch(n)
-    for _ in range(3):  # warm-up: kernels chosen, gradients and optimizer state allocated
+    for _ in range(3):  # warm-up: kernels chosen (and compiled), gradients and optimizer state allocated
         trainer.step(x, y)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -133,10 +137,13 @@ def main():
     labels = args.models.split(",")
     for n in map(int, args.batches.split(",")):
         if {"revcol_vit_s", "revcol_vit_s plain", "vit_small_patch16_224"} <= set(labels):
-            rev, plain, vit = by["revcol_vit_s", n], by["revcol_vit_s plain", n], by["vit_small_patch16_224", n]
-            print(f"batch {n}: step time reversible/plain {plain['img_per_s'] / rev['img_per_s']:.2f}; "
-                  f"revcol_vit_s/vit_small throughput {rev['img_per_s'] / vit['img_per_s']:.2f}, "
-                  f"activation memory {rev['act_MiB'] / vit['act_MiB']:.2f}")
+            plain, vit = by["revcol_vit_s plain", n], by["vit_small_patch16_224", n]
+            for label in ("revcol_vit_s", "revcol_vit_s compiled"):
+                if label in labels:
+                    rev = by[label, n]
+                    print(f"batch {n}, {label}: step time vs plain {plain['img_per_s'] / rev['img_per_s']:.2f}; "
+                          f"against vit_small: throughput {rev['img_per_s'] / vit['img_per_s']:.2f}, "
+                          f"activation memory {rev['act_MiB'] / vit['act_MiB']:.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".csv"), "w", newline="") as f:

@@ -1,7 +1,7 @@
 """RevCol core: reversible columns in pure PyTorch."""
 from .columns import GAMMA_MIN, Column, ReversibleColumns, clamp_gamma
 from .isotropic import CosineAttention, DropPath, IsotropicLevel, LevelFusion, PostNormBlock, isotropic_columns
-from .memory import count_saved_bytes
+from .memory import PeakBytes, count_saved_bytes
 
 __all__ = ["GAMMA_MIN", "Column", "ReversibleColumns", "clamp_gamma", "CosineAttention", "DropPath",
-           "IsotropicLevel", "LevelFusion", "PostNormBlock", "isotropic_columns", "count_saved_bytes"]
+           "IsotropicLevel", "LevelFusion", "PostNormBlock", "isotropic_columns", "PeakBytes", "count_saved_bytes"]

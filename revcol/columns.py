@@ -115,6 +115,7 @@ class _ReversibleColumn(torch.autograd.Function):
         ctx.prev_dtypes = None if prev is None else [p.dtype for p in prev]
         ctx.params = list(tensors[n_ctx + (L if c > 0 else 0):])
         ctx.save_for_backward(x0, *tensors[:n_ctx], *(states if last else ()))
+        ctx.set_materialize_grads(False)  # a level nothing differentiates gets None, not a state-sized zero
         return tuple(states)
 
     @staticmethod
@@ -125,9 +126,9 @@ class _ReversibleColumn(torch.autograd.Function):
         x0 = saved[0].detach()
         context = dict(ctx.context_plain, **dict(zip(ctx.context_keys, saved[1:1 + n_ctx])))
         if ctx.last:
-            states = [s.detach() for s in saved[1 + n_ctx:]]
+            states, own_states = [s.detach() for s in saved[1 + n_ctx:]], False
         elif ctx.c in ctx.tape:
-            states = ctx.tape.pop(ctx.c)
+            states, own_states = ctx.tape.pop(ctx.c), True  # rebuilt by the next column: ours to overwrite
         else:
             raise RuntimeError("reversible columns: this column's outputs were not rebuilt; backward through "
                                "a reversible forward runs once (retain_graph is not supported)")
@@ -142,39 +143,45 @@ class _ReversibleColumn(torch.autograd.Function):
         with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
             for l in reversed(range(L)):
                 low = (x0 if l == 0 else states[l - 1]).detach().requires_grad_()
-                high = None if prev is None or l == L - 1 else prev[l + 1]
+                high = None if prev is None or l == L - 1 else prev[l + 1].detach().requires_grad_()
                 if l in ctx.rng:
                     with ctx.rng[l].replayed():
                         y = column.levels[l](low, high, **context)
                 else:
                     y = column.levels[l](low, high, **context)
-                inputs = [low] + ([high] if high is not None else [])
-                level_params = [p for p in column.levels[l].parameters() if p in index]
-                if prev is None:
-                    out = y
-                else:
+                grad = grads[l]
+                if prev is not None:
+                    # The shortcut x_l = y + gamma * x_l^prev is inverted and differentiated by hand: autograd
+                    # would keep two more state-sized tensors (gamma * x_l^prev and the sum) for no gain.
                     gamma = clamp_gamma(column.gammas[l])
                     with torch.no_grad():
-                        rebuilt = ((states[l] - y) / gamma).to(ctx.prev_dtypes[l])
-                    prev[l] = rebuilt.requires_grad_()
-                    out = y + gamma * prev[l]
-                    inputs.append(prev[l])
-                    if column.gammas[l] in index:
-                        level_params.append(column.gammas[l])
-                got = torch.autograd.grad(out, inputs + level_params, grads[l], allow_unused=True)
+                        rebuilt = states[l].sub_(y) if own_states else states[l] - y  # x_l is not needed again
+                        prev[l] = rebuilt.div_(gamma).to(ctx.prev_dtypes[l])
+                    if grad is not None:
+                        prev_grads[l] = _add(prev_grads[l], grad * gamma.detach())
+                        if column.gammas[l] in index:
+                            grad_gamma = (grad * prev[l]).sum_to_size(gamma.shape)
+                            i = index[column.gammas[l]]
+                            param_grads[i] = _add(param_grads[i],
+                                                  torch.autograd.grad(gamma, column.gammas[l], grad_gamma)[0])
+                states[l] = grads[l] = None  # release state-sized tensors as soon as they are used up
+                if grad is None:  # nothing downstream depends on this level
+                    continue
+                inputs = [low] + ([high] if high is not None else [])
+                level_params = [p for p in column.levels[l].parameters() if p in index]
+                got = torch.autograd.grad(y, inputs + level_params, grad.to(y.dtype), allow_unused=True)
+                del y, grad
                 got_inputs, got_params = got[:len(inputs)], got[len(inputs):]
                 if l == 0:
-                    grad_x0 = got_inputs[0]
+                    grad_x0 = _add(grad_x0, got_inputs[0])
                 else:
                     grads[l - 1] = _add(grads[l - 1], got_inputs[0])
                 if high is not None:
                     prev_grads[l + 1] = _add(prev_grads[l + 1], got_inputs[1])
-                if prev is not None:
-                    prev_grads[l] = _add(prev_grads[l], got_inputs[-1])
                 for p, g in zip(level_params, got_params):
                     param_grads[index[p]] = _add(param_grads[index[p]], g)
         if prev is not None:
-            ctx.tape[ctx.c - 1] = [s.detach() for s in prev]
+            ctx.tape[ctx.c - 1] = prev
         return (None,) * 6 + (grad_x0,) + (None,) * n_ctx + (tuple(prev_grads) if prev is not None else ()) \
             + tuple(param_grads)
 
@@ -230,6 +237,22 @@ class ReversibleColumns(nn.Module):
         for column in self.columns:
             states = column(x0, states, context)
         return states
+
+    def compile_levels(self, **options) -> "ReversibleColumns":
+        """Compile every level function in place with ``torch.compile(**options)``; the reversible machinery
+        around them stays eager, so gradients stay exact.
+
+        Random ops inside a level must draw from the global generator outside the compiled graphs, as the
+        isotropic levels' DropPath and Dropout do; otherwise the backward's recompute cannot replay them.
+        """
+        # A level compiles once per variant it meets: with or without a higher input, grad mode (the no-grad
+        # forward and the recompute), train or eval, with or without context tensors, static then dynamic
+        # shapes. Dynamo's default of 8 per function would silently leave the rest eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for column in self.columns:
+            for level in column.levels:
+                level.compile(**options)
+        return self
 
     def _forward_reversible(self, x0: Tensor, context: Dict) -> List[Tensor]:
         keys = [k for k, v in context.items() if isinstance(v, Tensor)]

@@ -16,21 +16,54 @@ from .columns import ReversibleColumns
 LOGIT_SCALE_MAX = math.log(100.0)  # Swin V2 clamps the learnable attention temperature at 100
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per sample."""
+# Random ops run eagerly, outside any torch.compile graph. The reversible backward replays a level's random
+# numbers by restoring the generator state before recomputing it, which reproduces the masks only if they are
+# drawn from the global generator in the same order both times. Inductor's own random kernels are not: the
+# no-grad forward graph and the training graph of the recompute draw differently. Keeping the few random ops
+# eager (a graph break each) makes compiled levels exact; see ReversibleColumns.compile_levels. The modules
+# hand themselves over, not their rate, so that a compiled level does not specialize on every block's rate.
+@torch.compiler.disable
+def _drop_path(x: Tensor, module: "DropPath") -> Tensor:
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - module.p)
+    return x * keep / (1.0 - module.p)
 
-    def __init__(self, p: float = 0.0):
+
+@torch.compiler.disable
+def _dropout(x: Tensor, module: nn.Dropout) -> Tensor:
+    return F.dropout(x, module.p, training=True)
+
+
+@torch.compiler.disable
+def _attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], p: float) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, dropout_p=p)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample, with probability ``p`` > 0."""
+
+    def __init__(self, p: float):
         super().__init__()
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"drop path rate must be in (0, 1), got {p}; use nn.Identity for 0")
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
+        return _drop_path(x, self) if self.training else x
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose mask is drawn eagerly even inside a compiled level (see ``_drop_path``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _dropout(x, self) if self.training else x
+
+
+def dropout_layer(p: float) -> nn.Module:
+    """Dropout with rate ``p``, or nothing at all (no graph break in a compiled level) when ``p`` is 0."""
+    return Dropout(p) if p > 0.0 else nn.Identity()
 
 
 class CosineAttention(nn.Module):
@@ -49,7 +82,7 @@ class CosineAttention(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = dropout_layer(proj_drop)
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """x: (B, T, C); key_padding_mask: (B, T), True at padded positions, which no query attends to."""
@@ -60,8 +93,10 @@ class CosineAttention(nn.Module):
         q = F.normalize(q, dim=-1, eps=1e-6) * scale.to(q.dtype)
         k = F.normalize(k, dim=-1, eps=1e-6)
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
-                                           dropout_p=self.attn_drop if self.training else 0.0)
+        if self.attn_drop > 0.0 and self.training:
+            x = _attention_with_dropout(q, k, v, mask, self.attn_drop)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -70,9 +105,9 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.drop1 = nn.Dropout(activation_drop)
+        self.drop1 = dropout_layer(activation_drop)
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = nn.Dropout(drop)
+        self.drop2 = dropout_layer(drop)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
@@ -88,7 +123,7 @@ class PostNormBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), activation_drop=activation_dropout, drop=dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         x = x + self.drop_path(self.norm1(self.attn(x, key_padding_mask)))

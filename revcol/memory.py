@@ -1,8 +1,11 @@
-"""Counting what autograd keeps for backward: the activation memory that reversible columns keep flat."""
+"""Measuring activation memory on any device: what autograd saves, and the peak of live tensors in a step."""
+import weakref
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Dict, Iterable, Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 class SavedBytes:
@@ -36,3 +39,40 @@ def count_saved_bytes() -> Iterator[SavedBytes]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         yield saved
+
+
+class PeakBytes(TorchDispatchMode):
+    """Peak bytes of the tensors that ops create while the mode is on, counted until each is freed.
+
+    Tensors alive before (``ignore``: parameters, gradients, optimizer state, inputs) are not counted, so
+    on CPU this measures what ``torch.cuda.max_memory_allocated`` above the step's start measures on GPU,
+    less the allocator's rounding. Only ops that go through the dispatcher are seen: compiled graphs
+    allocate their buffers outside it.
+    """
+
+    def __init__(self, ignore: Iterable[torch.Tensor] = ()):
+        super().__init__()
+        self.peak = 0
+        self._current = 0
+        self._live: Dict[int, int] = {}
+        self._refs: Dict[int, weakref.ref] = {}
+        self._ignore = {t.untyped_storage().data_ptr() for t in ignore}
+
+    def _freed(self, key: int) -> None:
+        self._current -= self._live.pop(key, 0)
+        self._refs.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self._ignore or key in self._live or storage.nbytes() == 0:
+                continue
+            self._live[key] = storage.nbytes()
+            self._refs[key] = weakref.ref(storage, lambda _, key=key: self._freed(key))
+            self._current += storage.nbytes()
+            self.peak = max(self.peak, self._current)
+        return out

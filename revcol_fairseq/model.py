@@ -99,6 +99,8 @@ class RevColTransformerModel(TransformerModel):
                             help="initial value of the reversible shortcut scale gamma")
         parser.add_argument("--revcol-drop-path", type=_probability, metavar="P",
                             help="stochastic depth rate, rising linearly over a column's blocks")
+        parser.add_argument("--revcol-compile", action="store_true",
+                            help="torch.compile each encoder level (the reversible backward stays eager)")
         parser.add_argument("--no-share-all-embeddings", dest="share_all_embeddings", action="store_false",
                             help="separate source, target and output embeddings (the default shares them)")
 
@@ -106,7 +108,10 @@ class RevColTransformerModel(TransformerModel):
     def build_model(cls, args, task):
         base_revcol_architecture(args)  # as fairseq's own build_model: a hand-made namespace gets the defaults
         check_args(args)
-        return super().build_model(args, task)
+        model = super().build_model(args, task)
+        if args.revcol_compile:
+            model.encoder.columns.compile_levels()
+        return model
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
@@ -133,6 +138,7 @@ def base_revcol_architecture(args):
     args.revcol_reversible = getattr(args, "revcol_reversible", True)
     args.revcol_gamma_init = getattr(args, "revcol_gamma_init", 0.5)
     args.revcol_drop_path = getattr(args, "revcol_drop_path", 0.0)
+    args.revcol_compile = getattr(args, "revcol_compile", False)
     args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 768)
     args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 3072)
     args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 12)

@@ -137,7 +137,8 @@ class RevColViT(nn.Module):
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"input is {x.shape[-2]}x{x.shape[-1]} but the model was built for img_size "
                              f"{self.img_size[0]}x{self.img_size[1]} (its position embedding is fixed)")
-        return self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        # contiguous: the sum would keep the transposed layout, which every level's first Linear then copies
+        return (self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed).contiguous()
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last column's top level, (B, T, C)."""

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("runtime")
     r.add_argument("--workers", type=int, default=8, help="data loading processes per rank")
     r.add_argument("--device", help="default: cuda (this rank's GPU) if available, else cpu")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (a RevCol model: each level function, the reversible backward "
+                        "stays eager); the first steps are slow while it compiles")
     p.set_defaults(**IMAGENET_1K)
     return p
 
@@ -454,6 +457,8 @@ def train(args) -> List[Dict[str, Any]]:
         raise UsageError(f"{len(train_set)} training images do not fill one batch of {args.batch_size}")
     val_loader = build_eval_loader(args, "val", d.rank, d.world_size, micro_batch)
     t = build_training(args, model, updates_per_epoch, d.device)
+    if args.compile:  # after the EMA copy is taken: that copy stays eager
+        model.revcol.compile_levels() if hasattr(model, "revcol") else model.compile()
     mixup, criterion = build_loss(args, len(classes))
 
     start_epoch, history = 0, []

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from revcol import ReversibleColumns, clamp_gamma, count_saved_bytes, isotropic_columns
+from revcol import PeakBytes, ReversibleColumns, clamp_gamma, count_saved_bytes, isotropic_columns
 
 WIDTHS = (6, 8, 10, 12)  # a different width per level: the unit does not need equal shapes across levels
 
@@ -93,6 +93,31 @@ def test_float32_gradients_equal_plain_autograd():
     torch.manual_seed(0)
     model = isotropic_columns(16, [1, 1, 1, 1], 4, 2, drop_path_rate=0.2, dropout=0.1, gamma_init=1.0)
     assert_same_grads(model, torch.randn(2, 6, 16), 1e-4)
+
+
+@pytest.mark.parametrize("used", [(3,), (1,), (0, 2)])
+def test_gradients_when_the_loss_uses_only_some_levels(used):
+    # A classifier reads only the top level: the other levels of the last column get no gradient at all.
+    torch.manual_seed(0)
+    model = mix_columns(3, dropout=0.3).double()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    results = []
+    for reversible in (True, False):
+        model.reversible = reversible
+        model.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        states = model(xr)
+        weighted_loss([states[l] for l in used]).backward()
+        results.append((xr.grad, {n: p.grad for n, p in model.named_parameters()}))
+    (gx_r, gp_r), (gx_p, gp_p) = results
+    assert rel(gx_r, gx_p) < 1e-10
+    for name, g in gp_p.items():
+        if g is None:  # levels above the highest used one, in the last column
+            assert gp_r[name] is None, name
+        else:
+            assert rel(gp_r[name], g) < 1e-10, name
+    assert any(g is None for g in gp_p.values()) == (max(used) < 3)
 
 
 def test_dropout_actually_fires_and_is_replayed():
@@ -184,6 +209,24 @@ def test_saved_memory_is_flat_in_columns_when_reversible_and_linear_when_plain(m
     assert step > 0
     assert plain[2] - plain[1] == 2 * step and plain[3] - plain[2] == 4 * step, plain
     assert rev[0] < plain[0]
+
+
+def test_backward_peak_memory_is_flat_in_columns_when_reversible():
+    # The peak of live tensors over a whole training step (forward and backward), not only what is saved.
+    def step_peak(num_columns, reversible):
+        torch.manual_seed(0)
+        model = isotropic_columns(32, [1, 2, 1, 1], num_columns, 4, drop_path_rate=0.2, reversible=reversible)
+        x = torch.randn(2, 40, 32, requires_grad=True)
+        model(x)[-1].sum().backward()  # allocates the gradients, which the measured step starts with
+        with PeakBytes(ignore=[x, x.grad, *model.parameters(), *(p.grad for p in model.parameters())]) as peak:
+            model(x)[-1].sum().backward()
+        return peak.peak
+
+    rev = [step_peak(n, True) for n in (3, 6, 12)]  # from 3 columns on, each backward has the same work
+    plain = [step_peak(n, False) for n in (3, 6, 12)]
+    assert rev[0] == rev[1] == rev[2], rev
+    assert plain[2] > 3.5 * plain[0], plain
+    assert rev[2] < plain[0], (rev, plain)
 
 
 def test_gradient_accumulation_sums_micro_batches():

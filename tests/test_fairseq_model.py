@@ -139,6 +139,27 @@ def test_reversible_and_plain_encoders_give_equal_gradients():
     assert saved_rev.bytes < saved_plain.bytes  # the reversible path ran: the columns kept no activations
 
 
+def test_compiled_encoder_levels_give_the_plain_gradients():
+    # --revcol-compile with dropout, drop path and padding: compiled levels must replay the same masks.
+    flags = ("--revcol-columns", "3", "--revcol-drop-path", "0.2", "--dropout", "0.2", "--revcol-gamma-init", "1")
+    compiled, eager = build(*flags, "--revcol-compile"), build(*flags)
+    assert all(level._compiled_call_impl is not None for column in compiled.encoder.columns.columns
+               for level in column.levels)
+    eager.encoder.columns.reversible = False
+    src, lengths = source_batch(SENTENCES)
+    prev = torch.tensor([[2, 5, 6, 7, 8], [2, 9, 10, 11, 12], [2, 13, 14, 15, 16]])
+
+    def grads(model):
+        model.train().zero_grad()
+        torch.manual_seed(1)
+        logits, _ = model(src, lengths, prev)
+        (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    got, want = grads(compiled), grads(eager)
+    assert ((got - want).norm() / want.norm()).item() < 1e-4
+
+
 def test_half_precision_encoder_is_finite_and_reversible_grads_stay_close():
     model = build("--dropout", "0").half()
     src, lengths = source_batch(SENTENCES)

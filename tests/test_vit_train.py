@@ -107,6 +107,19 @@ def test_resume_reproduces_the_uninterrupted_run(small_digits, tmp_path, monkeyp
     assert [int(row["epoch"]) for row in read_csv(tmp_path / "b" / "log.csv")] == [1, 2, 3]
 
 
+def test_compiled_training_matches_eager(small_digits, tmp_path):
+    """``--compile``, with drop path on: the compiled levels replay the same masks as eager ones."""
+    flags = [*NO_AUGMENTATION, "--drop-path", "0.3", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16",
+             "--lr", "1e-4", "--lr-base-batch", "16"]
+    eager = run_train(small_digits, tmp_path / "eager", *flags)
+    compiled = run_train(small_digits, tmp_path / "compiled", *flags, "--compile")
+    for key in ("train_loss", "val_loss", "val_top1"):
+        assert compiled[0][key] == pytest.approx(eager[0][key], rel=1e-4), key
+    a, b = (torch.load(tmp_path / run / "checkpoint.pth", weights_only=False) for run in ("eager", "compiled"))
+    for name, weight in a["model"].items():
+        assert torch.allclose(weight, b["model"][name], rtol=0, atol=1e-5), name
+
+
 def test_sweep_writes_csv_and_png(small_digits, tmp_path):
     sweep_main(["--data", str(small_digits), "--output", str(tmp_path), "--img-size", "32", "--patch-size", "8",
                 "--embed-dim", "16", "--num-heads", "2", "--epochs", "1", "--batch-size", "32", "--lr", "1e-4",

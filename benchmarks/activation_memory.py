@@ -1,0 +1,104 @@
+"""Peak activation memory of a training step, counted tensor by tensor: runs on CPU, no GPU needed.
+
+For each model, one training step (forward, backward, AdamW step, under autocast unless ``--amp none``) runs
+inside :class:`revcol.PeakBytes`, which adds up the tensors the step creates until each is freed, leaving out
+what the step starts with (parameters, gradients, optimizer state, the batch). Two batch sizes give the cost
+per image (the slope) and the batch-independent part (the intercept: autocast's weight copies, parameter
+gradients in flight). From those, the largest batch that fits a memory budget next to the model's own
+state (parameters, gradients and AdamW moments).
+
+This is the CPU stand-in for the CUDA figures of ``vit_throughput.py``. It sees no allocator rounding or
+workspaces, and CPU autocast keeps LayerNorm in bf16 where CUDA autocast runs it in float32, so ratios carry
+over better than absolute sizes.
+
+    python benchmarks/activation_memory.py                  # about 10 minutes on 2 CPU cores
+"""
+import argparse
+import csv
+from datetime import date
+from pathlib import Path
+
+import timm
+import torch
+
+import revcol_vit  # noqa: F401  (registers the RevCol-ViT models with timm)
+from revcol import PeakBytes
+
+MODELS = {  # label -> (timm name, kwargs)
+    "revcol_vit_s": ("revcol_vit_s", {}),
+    "revcol_vit_s plain": ("revcol_vit_s", {"reversible": False}),
+    "vit_small_patch16_224": ("vit_small_patch16_224", {}),
+    "revcol_vit_b": ("revcol_vit_b", {}),
+    "vit_base_patch16_224": ("vit_base_patch16_224", {}),
+}
+PAIRS = [("revcol_vit_s", "vit_small_patch16_224"), ("revcol_vit_s", "revcol_vit_s plain"),
+         ("revcol_vit_b", "vit_base_patch16_224")]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--batches", default="8,16", help="two batch sizes: the slope gives the cost per image")
+    p.add_argument("--amp", choices=["bf16", "none"], default="bf16")
+    p.add_argument("--budget-gib", type=float, default=16.0)
+    p.add_argument("--out", default="benchmarks/results/activation_memory_cpu")
+    return p.parse_args()
+
+
+def step_peak(model, optimizer, batch, amp):
+    x = torch.randn(batch, 3, 224, 224)
+    y = torch.randint(0, 1000, (batch,))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    step()  # allocates the gradients and the optimizer state, which the measured step starts with
+    state = [*model.parameters(), *(p.grad for p in model.parameters()),
+             *(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))]
+    with PeakBytes(ignore=[*state, x, y]) as peak:
+        step()
+    return peak.peak, sum(t.untyped_storage().nbytes() for t in state)
+
+
+def main():
+    args = parse_args()
+    small, large = map(int, args.batches.split(","))
+    budget = args.budget_gib * 2**30
+    rows = []
+    for label in args.models.split(","):
+        name, kwargs = MODELS[label]
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=1000, **kwargs).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        (peak_small, state), (peak_large, _) = (step_peak(model, optimizer, n, args.amp) for n in (small, large))
+        per_image = (peak_large - peak_small) / (large - small)
+        fixed = peak_small - small * per_image
+        rows.append({"model": label, f"peak_MiB_b{small}": peak_small / 2**20, f"peak_MiB_b{large}": peak_large / 2**20,
+                     "MiB_per_image": per_image / 2**20, "intercept_MiB": fixed / 2**20, "state_MiB": state / 2**20,
+                     "largest_batch": int((budget - state - fixed) // per_image)})
+        print(rows[-1], flush=True)
+    title = f"CPU, {date.today()}, torch {torch.__version__}, timm {timm.__version__}, amp {args.amp}"
+    print(f"\n# {title}\n| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
+    for r in rows:
+        print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    by = {r["model"]: r for r in rows}
+    for a, b in PAIRS:
+        if a in by and b in by:
+            print(f"{a} / {b}: activation per image {by[a]['MiB_per_image'] / by[b]['MiB_per_image']:.3f}, "
+                  f"peak at batch {large} {by[a][f'peak_MiB_b{large}'] / by[b][f'peak_MiB_b{large}']:.3f}, "
+                  f"largest batch in {args.budget_gib:g} GiB {by[a]['largest_batch'] / by[b]['largest_batch']:.2f}x")
+    out = Path(args.out).with_suffix(".csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

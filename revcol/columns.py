@@ -13,7 +13,7 @@ The inverse, top level first, rebuilds column c-1 from column c:
 so backward needs only the stem output and the last column's levels: memory does not grow with the
 number of columns.
 """
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -102,7 +102,10 @@ class _ReversibleColumn(torch.autograd.Function):
         context = dict(context_plain, **dict(zip(context_keys, tensors[:n_ctx])))
         prev = list(tensors[n_ctx:n_ctx + L]) if c > 0 else None
         device_type = x0.device.type
-        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        # The recompute runs under the forward's autocast state (none on devices without autocast, like meta).
+        ctx.autocast = torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
+                                      enabled=torch.is_autocast_enabled(device_type)) \
+            if torch.amp.is_autocast_available(device_type) else nullcontext()
         ctx.rng: Dict[int, _RngState] = {}
         states: List[Tensor] = []
         for l in range(L):
@@ -138,9 +141,8 @@ class _ReversibleColumn(torch.autograd.Function):
         prev = None if ctx.c == 0 else [None] * L  # the previous column, rebuilt top level first
         prev_grads: List[Optional[Tensor]] = [None] * L
         grad_x0 = None
-        device_type, autocast_on, autocast_dtype = ctx.autocast
 
-        with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+        with torch.enable_grad(), ctx.autocast:
             for l in reversed(range(L)):
                 low = (x0 if l == 0 else states[l - 1]).detach().requires_grad_()
                 high = None if prev is None or l == L - 1 else prev[l + 1].detach().requires_grad_()

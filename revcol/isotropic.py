@@ -25,7 +25,7 @@ LOGIT_SCALE_MAX = math.log(100.0)  # Swin V2 clamps the learnable attention temp
 @torch.compiler.disable
 def _drop_path(x: Tensor, module: "DropPath") -> Tensor:
     keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - module.p)
-    return x * keep / (1.0 - module.p)
+    return x * keep.div_(1.0 - module.p)  # the rescale on the mask: one pass over x, not two
 
 
 @torch.compiler.disable
@@ -87,11 +87,12 @@ class CosineAttention(nn.Module):
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """x: (B, T, C); key_padding_mask: (B, T), True at padded positions, which no query attends to."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         scale = self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
-        # eps 1e-6, not the default 1e-12, which is 0 in float16: an all-zero (padding) vector would give NaN.
-        q = F.normalize(q, dim=-1, eps=1e-6) * scale.to(q.dtype)
-        k = F.normalize(k, dim=-1, eps=1e-6)
+        # q and k normalized in one call (half the kernels). eps 1e-6, not the default 1e-12, which is 0 in
+        # float16: an all-zero (padding) vector would give NaN.
+        q, k = F.normalize(qkv[:2], dim=-1, eps=1e-6).unbind(0)
+        q, v = q * scale.to(q.dtype), qkv[2]
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         if self.attn_drop > 0.0 and self.training:
             x = _attention_with_dropout(q, k, v, mask, self.attn_drop)

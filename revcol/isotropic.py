@@ -87,12 +87,13 @@ class CosineAttention(nn.Module):
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """x: (B, T, C); key_padding_mask: (B, T), True at padded positions, which no query attends to."""
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         scale = self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
-        # q and k normalized in one call (half the kernels). eps 1e-6, not the default 1e-12, which is 0 in
-        # float16: an all-zero (padding) vector would give NaN.
-        q, k = F.normalize(qkv[:2], dim=-1, eps=1e-6).unbind(0)
-        q, v = q * scale.to(q.dtype), qkv[2]
+        # eps 1e-6, not the default 1e-12, which is 0 in float16: an all-zero (padding) vector would give NaN.
+        # q and k are normalized separately: one call on both (fewer eager ops) breaks compiled backward
+        # once sequence lengths vary (Inductor reuses a stride from the first length).
+        q = F.normalize(q, dim=-1, eps=1e-6) * scale.to(q.dtype)
+        k = F.normalize(k, dim=-1, eps=1e-6)
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         if self.attn_drop > 0.0 and self.training:
             x = _attention_with_dropout(q, k, v, mask, self.attn_drop)

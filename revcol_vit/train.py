@@ -457,8 +457,10 @@ def train(args) -> List[Dict[str, Any]]:
         raise UsageError(f"{len(train_set)} training images do not fill one batch of {args.batch_size}")
     val_loader = build_eval_loader(args, "val", d.rank, d.world_size, micro_batch)
     t = build_training(args, model, updates_per_epoch, d.device)
-    if args.compile:  # after the EMA copy is taken: that copy stays eager
-        model.revcol.compile_levels() if hasattr(model, "revcol") else model.compile()
+    if args.compile and hasattr(model, "revcol"):  # after the EMA copy is taken: that copy stays eager
+        model.revcol.compile_levels()
+    elif args.compile:
+        model.compile()
     mixup, criterion = build_loss(args, len(classes))
 
     start_epoch, history = 0, []

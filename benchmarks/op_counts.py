@@ -14,17 +14,9 @@ from datetime import date
 
 import timm
 import torch
+from activation_memory import MODELS as VIT_MODELS  # the same models, in the script beside this one
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import revcol_vit  # noqa: F401  (registers the RevCol-ViT models with timm)
-
-VIT_MODELS = {  # label -> (timm name, kwargs)
-    "revcol_vit_s": ("revcol_vit_s", {}),
-    "revcol_vit_s plain": ("revcol_vit_s", {"reversible": False}),
-    "vit_small_patch16_224": ("vit_small_patch16_224", {}),
-    "revcol_vit_b": ("revcol_vit_b", {}),
-    "vit_base_patch16_224": ("vit_base_patch16_224", {}),
-}
 FAIRSEQ_ARCHS = ["transformer_wmt_en_de_big", "revcol_transformer"]
 VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "detach", "unbind", "alias", "slice",
             "select", "unsqueeze", "squeeze", "as_strided", "split", "reshape"}

@@ -52,7 +52,7 @@ class Column(nn.Module):
         if y.shape != prev[l].shape:
             raise ValueError(f"level {l} returned shape {tuple(y.shape)} but its shortcut from the previous "
                              f"column has shape {tuple(prev[l].shape)}; a level must keep its state's shape")
-        return y + clamp_gamma(self.gammas[l]) * prev[l]
+        return torch.addcmul(y, clamp_gamma(self.gammas[l]), prev[l])  # y + gamma * x_prev, one kernel
 
     def forward(self, x0: Tensor, prev: Optional[List[Tensor]], context: Dict) -> List[Tensor]:
         states: List[Tensor] = []

@@ -5,7 +5,7 @@ two inputs, summed: the isotropic stand-in for down- and up-sampling) followed b
 (``x + LN(attn(x))``, ``x + LN(mlp(x))``) with normalized (scaled cosine) attention as in Swin V2.
 """
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -84,16 +84,27 @@ class CosineAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = dropout_layer(proj_drop)
 
+    def normalize_qk(self, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+        """q and k, shaped (B, heads, T, head_dim), rescaled so that q . k = temperature * cos(q, k)."""
+        # Through RMS norms: rms_norm(q) . rms_norm(k) = head_dim * cos(q, k), so the temperature is divided
+        # by head_dim. On GPU rms_norm is one fused kernel each way, where F.normalize launches three forward
+        # and over a dozen backward (benchmarks/cosine_attention.py). rms_norm computes in float32 even for
+        # half-precision input, so its eps stays 1e-12 there and an all-zero (padding) vector stays zero.
+        # That is also why CUDA autocast is off around it: autocast would first make float32 copies of q and k
+        # and keep them for backward. q and k are normalized separately: one call on both breaks the
+        # compiled backward once sequence lengths vary (Inductor reuses a stride from the first length).
+        head_dim = q.shape[-1]
+        scale = self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp() / head_dim
+        with torch.autocast("cuda", enabled=False):
+            q = F.rms_norm(q, (head_dim,), eps=1e-12)
+            k = F.rms_norm(k, (head_dim,), eps=1e-12)
+        return q * scale.to(q.dtype), k
+
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """x: (B, T, C); key_padding_mask: (B, T), True at padded positions, which no query attends to."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        scale = self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
-        # eps 1e-6, not the default 1e-12, which is 0 in float16: an all-zero (padding) vector would give NaN.
-        # q and k are normalized separately: one call on both (fewer eager ops) breaks compiled backward
-        # once sequence lengths vary (Inductor reuses a stride from the first length).
-        q = F.normalize(q, dim=-1, eps=1e-6) * scale.to(q.dtype)
-        k = F.normalize(k, dim=-1, eps=1e-6)
+        q, k = self.normalize_qk(q, k)
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         if self.attn_drop > 0.0 and self.training:
             x = _attention_with_dropout(q, k, v, mask, self.attn_drop)

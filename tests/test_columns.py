@@ -273,7 +273,7 @@ def test_eval_without_grad_runs_plain_and_matches():
 
 def test_cpu_bf16_autocast_is_finite_and_costs_no_accuracy_beyond_bf16_itself():
     torch.manual_seed(0)
-    model = isotropic_columns(32, [1, 1, 1, 1], 4, 4, gamma_init=1.0)
+    model = isotropic_columns(32, [1, 1, 1, 1], 4, 2, gamma_init=1.0)  # heads of 16: 8 make bf16 chaotic here
     x = torch.randn(4, 8, 32)
 
     def grads(reversible, bf16):
@@ -288,8 +288,8 @@ def test_cpu_bf16_autocast_is_finite_and_costs_no_accuracy_beyond_bf16_itself():
 
     fp32, plain_bf16, rev_bf16 = grads(False, False), grads(False, True), grads(True, True)
     assert torch.isfinite(rev_bf16).all()
-    # bf16 itself moves this small cosine-attention model's gradients by about 20%; reversible adds nothing.
-    assert rel(rev_bf16, fp32) < 0.35
+    # bf16 itself moves this small cosine-attention model's gradients by about 8%; reversible adds nothing.
+    assert rel(rev_bf16, fp32) < 0.12
     assert rel(rev_bf16, plain_bf16) < 0.02, "the recompute must run under the forward's autocast state"
 
 

@@ -34,7 +34,7 @@ def test_compiled_levels_with_dropout_and_drop_path_match_plain_autograd():
     out_plain, plain = gradients(eager, x, False, mask)
     out_rev, rev = gradients(compiled, x, True, mask)
     assert ((rev - plain).norm() / plain.norm()).item() < 1e-4
-    assert torch.allclose(out_rev, out_plain, atol=1e-5)
+    assert ((out_rev - out_plain).norm() / out_plain.norm()).item() < 1e-5  # measured 1.9e-6: compiled float32
     torch.manual_seed(8)
     assert not torch.allclose(compiled(x, key_padding_mask=mask)[-1], out_rev), "dropout must be active"
 

@@ -19,9 +19,8 @@ class SavedBytes:
         if tensor.layout != torch.strided:
             return
         storage = tensor.untyped_storage()
-        key = (storage.data_ptr(), tensor.device)
-        if key not in self._seen:
-            self._seen.add(key)
+        if storage._cdata not in self._seen:  # the storage itself: data_ptr is 0 for meta and fake tensors
+            self._seen.add(storage._cdata)
             self.bytes += storage.nbytes()
 
 

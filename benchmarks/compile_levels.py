@@ -9,7 +9,7 @@ autograd of the same weights, float32, gamma 1.0, 3 columns of dim 32:
 Then what compiling buys on this machine's CPU: the training step time (forward, backward, AdamW) of
 RevCol-ViT-S at batch 4, float32, eager and compiled, reversible and plain.
 
-    python benchmarks/compile_levels.py      # about 10 minutes on 2 CPU cores, most of it compiling
+    python benchmarks/compile_levels.py      # a few minutes on 2 CPU cores, most of it compiling
 """
 import statistics
 import time

@@ -61,7 +61,7 @@ def step_ms(reversible, compiled, batch=4, steps=5):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
     times = []
-    for i in range(steps + 2):  # the first two steps compile (the no-grad forward, then the recompute)
+    for _ in range(steps + 2):  # the first step compiles every variant, the second one warms up
         start = time.perf_counter()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 GAMMA_MIN = 1e-3
+RUNS_ONCE = "reversible columns: backward through a reversible forward runs once (retain_graph is not supported)"
 
 
 def clamp_gamma(gamma: Tensor) -> Tensor:
@@ -89,10 +90,10 @@ class _ReversibleColumn(torch.autograd.Function):
     """One column run without a graph; its backward rebuilds the previous column and differentiates this one.
 
     Only the last column keeps its outputs. Every other column finds its outputs on the ``tape``, where
-    the next column's backward put them after rebuilding them; autograd runs the backwards last column
-    first, because each column's output gradients come from the next column's backward. Parameter
-    gradients are returned column by column, so they are accumulated (and, under DDP, reduced) as soon as
-    a column is done instead of being held to the end.
+    the next column's backward put them after rebuilding them, together with their gradients; autograd
+    runs the backwards last column first, because each column's output gradients come from the next
+    column's backward. Parameter gradients are returned column by column, so they are accumulated (and,
+    under DDP, reduced) as soon as a column is done instead of being held to the end.
     """
 
     @staticmethod
@@ -102,9 +103,13 @@ class _ReversibleColumn(torch.autograd.Function):
         context = dict(context_plain, **dict(zip(context_keys, tensors[:n_ctx])))
         prev = list(tensors[n_ctx:n_ctx + L]) if c > 0 else None
         device_type = x0.device.type
-        # The recompute runs under the forward's autocast state (none on devices without autocast, like meta).
+        # The recompute runs under the forward's autocast state (none on devices without autocast, like meta),
+        # with autocast's cache off: it keeps the cast of every leaf that requires grad until the region ends,
+        # and a recompute's inputs are such leaves, so it would hold every level's inputs and their
+        # half-precision copies until the column's backward returns. Each weight is cast once per recompute
+        # either way.
         ctx.autocast = torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
-                                      enabled=torch.is_autocast_enabled(device_type)) \
+                                      enabled=torch.is_autocast_enabled(device_type), cache_enabled=False) \
             if torch.amp.is_autocast_available(device_type) else nullcontext()
         ctx.rng: Dict[int, _RngState] = {}
         states: List[Tensor] = []
@@ -117,7 +122,11 @@ class _ReversibleColumn(torch.autograd.Function):
         ctx.context_plain, ctx.context_keys = context_plain, context_keys
         ctx.prev_dtypes = None if prev is None else [p.dtype for p in prev]
         ctx.params = list(tensors[n_ctx + (L if c > 0 else 0):])
-        ctx.save_for_backward(x0, *tensors[:n_ctx], *(states if last else ()))
+        ctx.save_for_backward(x0, *tensors[:n_ctx])
+        # The last column's outputs are kept as detached aliases, not saved tensors: a saved tensor lives until
+        # backward returns, an alias can be dropped once its level is rebuilt. An alias shares its output's
+        # version counter, which backward checks as autograd does for saved tensors.
+        ctx.outputs = [(s.detach(), s._version) for s in states] if last else None
         ctx.set_materialize_grads(False)  # a level nothing differentiates gets None, not a state-sized zero
         return tuple(states)
 
@@ -129,13 +138,20 @@ class _ReversibleColumn(torch.autograd.Function):
         x0 = saved[0].detach()
         context = dict(ctx.context_plain, **dict(zip(ctx.context_keys, saved[1:1 + n_ctx])))
         if ctx.last:
-            states, own_states = [s.detach() for s in saved[1 + n_ctx:]], False
-        elif ctx.c in ctx.tape:
-            states, own_states = ctx.tape.pop(ctx.c), True  # rebuilt by the next column: ours to overwrite
+            if ctx.outputs is None:
+                raise RuntimeError(RUNS_ONCE)
+            if any(s._version != version for s, version in ctx.outputs):
+                raise RuntimeError("reversible columns: an output was modified in place after the forward, "
+                                   "but backward rebuilds the previous columns from it")
+            states = [s for s, _ in ctx.outputs]
+            ctx.outputs = None  # from here on, each state is freed once its level is rebuilt
+            grads, own_states = list(grads), False  # the caller may still hold the outputs: not ours to overwrite
         else:
-            raise RuntimeError("reversible columns: this column's outputs were not rebuilt; backward through "
-                               "a reversible forward runs once (retain_graph is not supported)")
-        grads = list(grads)
+            if ctx.c not in ctx.tape:
+                raise RuntimeError(RUNS_ONCE)
+            # Rebuilt by the next column, and ours alone: states to overwrite, gradients to free once used.
+            # (What autograd hands in here are stand-ins; see the end of this function.)
+            (states, grads), own_states = ctx.tape.pop(ctx.c), True
         index = {p: i for i, p in enumerate(ctx.params)}
         param_grads: List[Optional[Tensor]] = [None] * len(ctx.params)
         prev = None if ctx.c == 0 else [None] * L  # the previous column, rebuilt top level first
@@ -183,7 +199,13 @@ class _ReversibleColumn(torch.autograd.Function):
                 for p, g in zip(level_params, got_params):
                     param_grads[index[p]] = _add(param_grads[index[p]], g)
         if prev is not None:
-            ctx.tape[ctx.c - 1] = prev
+            # The previous column's gradients go on the tape with its states. Autograd gets zero-size
+            # stand-ins (a scalar expanded to the state's shape), which keep the order of the backwards:
+            # a gradient autograd passes into a backward stays alive until that backward returns, so the
+            # real ones, passed this way, would be held all through the previous column's backward.
+            prev_grads = [None if g is None else g.to(dtype) for g, dtype in zip(prev_grads, ctx.prev_dtypes)]
+            ctx.tape[ctx.c - 1] = prev, prev_grads
+            prev_grads = [None if g is None else g.new_zeros(()).expand(g.shape) for g in prev_grads]
         return (None,) * 6 + (grad_x0,) + (None,) * n_ctx + (tuple(prev_grads) if prev is not None else ()) \
             + tuple(param_grads)
 

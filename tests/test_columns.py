@@ -229,6 +229,50 @@ def test_backward_peak_memory_is_flat_in_columns_when_reversible():
     assert rev[2] < plain[0], (rev, plain)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_backward_holds_about_two_columns_of_states(autocast):
+    # At the start of each level's recompute, the backward needs this column's states (rebuilt in place into
+    # the previous column's), the previous column's gradients made so far, and a few more state-sized
+    # tensors: the incoming gradient, the input's gradient and the output. It held up to 16 states here
+    # (18.6 under autocast) while autograd kept every gradient it had handed a column until that column's
+    # backward returned, and autocast's cache kept every recomputed level's inputs and their bf16 copies.
+    L = 4
+    torch.manual_seed(0)
+    model = isotropic_columns(8, [1] * L, 4, 2)
+    x = torch.randn(16, 256, 8, requires_grad=True)  # states dwarf the parameters
+    state_bytes = x.numel() * x.element_size()
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)[-1]
+        out.float().sum().backward()
+
+    step()  # allocates the gradients, which the measured step starts with
+    held = []
+    with PeakBytes(ignore=[x, x.grad, *model.parameters(), *(p.grad for p in model.parameters())]) as peak:
+        for column in model.columns:
+            for level in column.levels:
+                level.register_forward_pre_hook(
+                    lambda *_: held.append(peak._current / state_bytes) if torch.is_grad_enabled() else None)
+        step()
+    assert len(held) == 4 * L
+    assert max(held) < 2 * L + 4.5, held
+
+
+def test_backward_refuses_outputs_modified_in_place_and_a_second_run():
+    torch.manual_seed(0)
+    model = mix_columns(3)
+    states = model(torch.randn(3, 5))
+    with torch.no_grad():
+        states[1].mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place after the forward"):
+        weighted_loss(states).backward()
+    states = model(torch.randn(3, 5))
+    weighted_loss(states).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        weighted_loss(states).backward()
+
+
 def test_gradient_accumulation_sums_micro_batches():
     torch.manual_seed(0)
     model = mix_columns(3).double()

@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .memory import note_kept_for_backward
+
 GAMMA_MIN = 1e-3
 RUNS_ONCE = "reversible columns: backward through a reversible forward runs once (retain_graph is not supported)"
 
@@ -123,10 +125,13 @@ class _ReversibleColumn(torch.autograd.Function):
         ctx.prev_dtypes = None if prev is None else [p.dtype for p in prev]
         ctx.params = list(tensors[n_ctx + (L if c > 0 else 0):])
         ctx.save_for_backward(x0, *tensors[:n_ctx])
-        # The last column's outputs are kept as detached aliases, not saved tensors: a saved tensor lives until
-        # backward returns, an alias can be dropped once its level is rebuilt. An alias shares its output's
-        # version counter, which backward checks as autograd does for saved tensors.
-        ctx.outputs = [(s.detach(), s._version) for s in states] if last else None
+        # The last column's outputs are kept as detached aliases, not saved tensors: a saved tensor lives at
+        # least until backward returns, an alias can be dropped once its level is rebuilt. An alias shares its
+        # output's version counter, which backward checks as autograd does for saved tensors.
+        ctx.outputs = None
+        if last:
+            ctx.outputs = [(s.detach(), s._version) for s in states]
+            note_kept_for_backward(states)  # count_saved_bytes counts them as it would saved tensors
         ctx.set_materialize_grads(False)  # a level nothing differentiates gets None, not a state-sized zero
         return tuple(states)
 

@@ -1,7 +1,7 @@
-"""Measuring activation memory on any device: what autograd saves, and the peak of live tensors in a step."""
+"""Measuring activation memory on any device: what is kept for backward, and the peak of live tensors in a step."""
 import weakref
 from contextlib import contextmanager
-from typing import Dict, Iterable, Iterator
+from typing import Dict, Iterable, Iterator, List
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -9,7 +9,7 @@ from torch.utils._pytree import tree_flatten
 
 
 class SavedBytes:
-    """Bytes of the distinct storages autograd saved while the counter was open."""
+    """Bytes of the distinct storages kept for backward while the counter was open."""
 
     def __init__(self):
         self.bytes = 0
@@ -24,11 +24,22 @@ class SavedBytes:
             self.bytes += storage.nbytes()
 
 
+_open_counters: List[SavedBytes] = []
+
+
+def note_kept_for_backward(tensors: Iterable[torch.Tensor]) -> None:
+    """Counts tensors kept for backward outside autograd's saved tensors (the last reversible column's outputs)."""
+    for counter in _open_counters:
+        for tensor in tensors:
+            counter.add(tensor)
+
+
 @contextmanager
 def count_saved_bytes() -> Iterator[SavedBytes]:
     """``with count_saved_bytes() as saved: loss = model(x).sum()`` then ``saved.bytes``.
 
-    Parameters are counted too when an op saves them; a tensor saved by several ops counts once.
+    Counts what autograd saves and what reversible columns keep themselves. Parameters are counted too when
+    an op saves them; a tensor kept twice counts once.
     """
     saved = SavedBytes()
 
@@ -36,8 +47,12 @@ def count_saved_bytes() -> Iterator[SavedBytes]:
         saved.add(tensor)
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        yield saved
+    _open_counters.append(saved)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            yield saved
+    finally:
+        _open_counters.remove(saved)
 
 
 class PeakBytes(TorchDispatchMode):
@@ -45,20 +60,20 @@ class PeakBytes(TorchDispatchMode):
 
     Tensors alive before (``ignore``: parameters, gradients, optimizer state, inputs) are not counted, so
     on CPU this measures what ``torch.cuda.max_memory_allocated`` above the step's start measures on GPU,
-    less the allocator's rounding. Only ops that go through the dispatcher are seen: compiled graphs
-    allocate their buffers outside it.
+    less the allocator's rounding. ``current`` is the bytes of those tensors alive now. Only ops that go
+    through the dispatcher are seen: compiled graphs allocate their buffers outside it.
     """
 
     def __init__(self, ignore: Iterable[torch.Tensor] = ()):
         super().__init__()
         self.peak = 0
-        self._current = 0
+        self.current = 0
         self._live: Dict[int, int] = {}
         self._refs: Dict[int, weakref.ref] = {}
         self._ignore = {t.untyped_storage().data_ptr() for t in ignore}
 
     def _freed(self, key: int) -> None:
-        self._current -= self._live.pop(key, 0)
+        self.current -= self._live.pop(key, 0)
         self._refs.pop(key, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -72,6 +87,6 @@ class PeakBytes(TorchDispatchMode):
                 continue
             self._live[key] = storage.nbytes()
             self._refs[key] = weakref.ref(storage, lambda _, key=key: self._freed(key))
-            self._current += storage.nbytes()
-            self.peak = max(self.peak, self._current)
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
         return out

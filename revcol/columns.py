@@ -49,7 +49,10 @@ class Column(nn.Module):
         """x_l of this column, given this column's levels below l (``states``) and the previous column."""
         low = x0 if l == 0 else states[l - 1]
         high = None if prev is None or l == len(self.levels) - 1 else prev[l + 1]
-        y = self.levels[l](low, high, **context)
+        return self.shortcut(l, self.levels[l](low, high, **context), prev)
+
+    def shortcut(self, l: int, y: Tensor, prev: Optional[List[Tensor]]) -> Tensor:
+        """x_l = F_l(...) + gamma_l * x_l^prev, given y = F_l(...); just y in the first column."""
         if prev is None:
             return y
         if y.shape != prev[l].shape:
@@ -99,27 +102,35 @@ class _ReversibleColumn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, column: Column, tape: Dict, c: int, last: bool, context_plain: Dict, context_keys: List[str],
-                x0: Tensor, *tensors: Tensor):
+    def forward(ctx, column: Column, tape: Dict, c: int, last: bool, keep_top: bool, context_plain: Dict,
+                context_keys: List[str], x0: Tensor, *tensors: Tensor):
         n_ctx, L = len(context_keys), len(column.levels)
         context = dict(context_plain, **dict(zip(context_keys, tensors[:n_ctx])))
         prev = list(tensors[n_ctx:n_ctx + L]) if c > 0 else None
         device_type = x0.device.type
-        # The recompute runs under the forward's autocast state (none on devices without autocast, like meta),
-        # with autocast's cache off: it keeps the cast of every leaf that requires grad until the region ends,
-        # and a recompute's inputs are such leaves, so it would hold every level's inputs and their
-        # half-precision copies until the column's backward returns. Each weight is cast once per recompute
-        # either way.
+        # The levels run, here and in the recompute, under the caller's autocast state (none on devices without
+        # autocast, like meta) with autocast's cache off. The cache keeps the cast of every leaf that requires
+        # grad until the outermost autocast region ends: here the half-precision copy of every weight, through
+        # the whole forward, and in the recompute every level's inputs and their copies, until the column's
+        # backward returns. Each weight is cast once per pass either way.
         ctx.autocast = torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
                                       enabled=torch.is_autocast_enabled(device_type), cache_enabled=False) \
             if torch.amp.is_autocast_available(device_type) else nullcontext()
         ctx.rng: Dict[int, _RngState] = {}
+        ctx.top = None
         states: List[Tensor] = []
-        for l in range(L):
-            rng = _RngState(x0.device)
-            states.append(column.level(l, x0, states, prev, context))
-            if rng.consumed():
-                ctx.rng[l] = rng
+        with ctx.autocast:
+            for l in range(L - 1 if keep_top else L):
+                rng = _RngState(x0.device)
+                states.append(column.level(l, x0, states, prev, context))
+                if rng.consumed():
+                    ctx.rng[l] = rng
+            if keep_top:  # the last column's top level runs with autograd: see ReversibleColumns.keep_top_graph
+                low = states[L - 2].detach().requires_grad_()
+                with torch.enable_grad():
+                    y = column.levels[L - 1](low, None, **context)
+                ctx.top = low, y
+                states.append(column.shortcut(L - 1, y.detach(), prev))
         ctx.column, ctx.tape, ctx.c, ctx.last = column, tape, c, last
         ctx.context_plain, ctx.context_keys = context_plain, context_keys
         ctx.prev_dtypes = None if prev is None else [p.dtype for p in prev]
@@ -149,6 +160,7 @@ class _ReversibleColumn(torch.autograd.Function):
                 raise RuntimeError("reversible columns: an output was modified in place after the forward, "
                                    "but backward rebuilds the previous columns from it")
             states = [s for s, _ in ctx.outputs]
+            top, ctx.top = ctx.top, None
             ctx.outputs = None  # from here on, each state is freed once its level is rebuilt
             grads, own_states = list(grads), False  # the caller may still hold the outputs: not ours to overwrite
         else:
@@ -156,7 +168,7 @@ class _ReversibleColumn(torch.autograd.Function):
                 raise RuntimeError(RUNS_ONCE)
             # Rebuilt by the next column, and ours alone: states to overwrite, gradients to free once used.
             # (What autograd hands in here are stand-ins; see the end of this function.)
-            (states, grads), own_states = ctx.tape.pop(ctx.c), True
+            (states, grads), own_states, top = ctx.tape.pop(ctx.c), True, None
         index = {p: i for i, p in enumerate(ctx.params)}
         param_grads: List[Optional[Tensor]] = [None] * len(ctx.params)
         prev = None if ctx.c == 0 else [None] * L  # the previous column, rebuilt top level first
@@ -165,13 +177,13 @@ class _ReversibleColumn(torch.autograd.Function):
 
         with torch.enable_grad(), ctx.autocast:
             for l in reversed(range(L)):
-                low = (x0 if l == 0 else states[l - 1]).detach().requires_grad_()
-                high = None if prev is None or l == L - 1 else prev[l + 1].detach().requires_grad_()
-                if l in ctx.rng:
-                    with ctx.rng[l].replayed():
-                        y = column.levels[l](low, high, **context)
+                if top is not None:  # the last column's top level, its graph kept from the forward
+                    (low, y), high, top = top, None, None
                 else:
-                    y = column.levels[l](low, high, **context)
+                    low = (x0 if l == 0 else states[l - 1]).detach().requires_grad_()
+                    high = None if prev is None or l == L - 1 else prev[l + 1].detach().requires_grad_()
+                    with ctx.rng[l].replayed() if l in ctx.rng else nullcontext():
+                        y = column.levels[l](low, high, **context)
                 grad = grads[l]
                 if prev is not None:
                     # The shortcut x_l = y + gamma * x_l^prev is inverted and differentiated by hand: autograd
@@ -211,7 +223,7 @@ class _ReversibleColumn(torch.autograd.Function):
             prev_grads = [None if g is None else g.to(dtype) for g, dtype in zip(prev_grads, ctx.prev_dtypes)]
             ctx.tape[ctx.c - 1] = prev, prev_grads
             prev_grads = [None if g is None else g.new_zeros(()).expand(g.shape) for g in prev_grads]
-        return (None,) * 6 + (grad_x0,) + (None,) * n_ctx + (tuple(prev_grads) if prev is not None else ()) \
+        return (None,) * 7 + (grad_x0,) + (None,) * n_ctx + (tuple(prev_grads) if prev is not None else ()) \
             + tuple(param_grads)
 
 
@@ -233,6 +245,12 @@ class ReversibleColumns(nn.Module):
         gamma_init: the constant gamma starts at.
         reversible: rebuild activations in backward (memory flat in N) instead of storing them
             (plain autograd). Switching never changes the forward output.
+        keep_top_graph: in reversible mode, run the last column's top level with autograd in the forward and
+            keep its graph, so that backward starts from it instead of recomputing it: one level's recompute
+            fewer (1/(N L) of them). It holds one level's activations from the forward to the backward. That
+            is free when little runs after the columns (a classifier head): backward's first step would
+            rebuild the same graph next to the same states. It is not free when a large network runs in
+            between, such as a decoder, whose peak it adds to.
 
     Keyword arguments of ``forward`` after the stem output (for example a padding mask) reach every level
     function unchanged; they must not need gradients. Levels with BatchNorm would update running
@@ -240,7 +258,7 @@ class ReversibleColumns(nn.Module):
     """
 
     def __init__(self, columns: Sequence[Sequence[nn.Module]], gamma_shapes: Sequence[Sequence[int]],
-                 gamma_init: float = 0.5, reversible: bool = True):
+                 gamma_init: float = 0.5, reversible: bool = True, keep_top_graph: bool = False):
         super().__init__()
         if len(columns) < 1:
             raise ValueError(f"need at least 1 column, got {len(columns)}")
@@ -258,6 +276,7 @@ class ReversibleColumns(nn.Module):
         self.columns = nn.ModuleList(
             Column(levels, gamma_shapes, gamma_init, first=(c == 0)) for c, levels in enumerate(columns))
         self.reversible = reversible
+        self.keep_top_graph = keep_top_graph
 
     def forward(self, x0: Tensor, **context) -> List[Tensor]:
         if self.reversible and torch.is_grad_enabled():
@@ -291,6 +310,6 @@ class ReversibleColumns(nn.Module):
         for c, column in enumerate(self.columns):
             params = [p for p in column.parameters() if p.requires_grad]
             last = c == len(self.columns) - 1
-            states = list(_ReversibleColumn.apply(column, tape, c, last, plain, keys, x0,
-                                                  *(context[k] for k in keys), *states, *params))
+            states = list(_ReversibleColumn.apply(column, tape, c, last, last and self.keep_top_graph, plain, keys,
+                                                  x0, *(context[k] for k in keys), *states, *params))
         return states

@@ -181,8 +181,8 @@ class IsotropicLevel(nn.Module):
 
 def isotropic_columns(dim: int, depths: Sequence[int], num_columns: int, num_heads: int, mlp_ratio: float = 4.0,
                       drop_path_rate: float = 0.0, dropout: float = 0.0, attn_dropout: float = 0.0,
-                      activation_dropout: float = 0.0, gamma_init: float = 0.5,
-                      reversible: bool = True) -> ReversibleColumns:
+                      activation_dropout: float = 0.0, gamma_init: float = 0.5, reversible: bool = True,
+                      keep_top_graph: bool = False) -> ReversibleColumns:
     """Reversible columns of :class:`IsotropicLevel` over tokens (B, T, dim).
 
     Drop path rises linearly over the blocks of a column, the same in every column (as the official code
@@ -206,7 +206,8 @@ def isotropic_columns(dim: int, depths: Sequence[int], num_columns: int, num_hea
                                          rates[starts[l]:starts[l] + depth], dropout, attn_dropout,
                                          activation_dropout))
         columns.append(levels)
-    model = ReversibleColumns(columns, [(dim,)] * len(depths), gamma_init=gamma_init, reversible=reversible)
+    model = ReversibleColumns(columns, [(dim,)] * len(depths), gamma_init=gamma_init, reversible=reversible,
+                              keep_top_graph=keep_top_graph)
     init_isotropic_(model, depths)
     return model
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from revcol import PeakBytes, ReversibleColumns, clamp_gamma, count_saved_bytes, isotropic_columns
+from revcol.memory import note_kept_for_backward
 
 WIDTHS = (6, 8, 10, 12)  # a different width per level: the unit does not need equal shapes across levels
 
@@ -26,7 +27,7 @@ class MixLevel(nn.Module):
         return self.drop(torch.tanh(x)) * scale
 
 
-def mix_columns(num_columns, dropout=0.0, gamma_init=0.5, reversible=True, stem_dim=5):
+def mix_columns(num_columns, dropout=0.0, gamma_init=0.5, reversible=True, stem_dim=5, keep_top_graph=False):
     columns = []
     for c in range(num_columns):
         levels = []
@@ -35,7 +36,8 @@ def mix_columns(num_columns, dropout=0.0, gamma_init=0.5, reversible=True, stem_
             high_dim = WIDTHS[l + 1] if c > 0 and l < len(WIDTHS) - 1 else 0
             levels.append(MixLevel(low_dim, high_dim, dim, dropout))
         columns.append(levels)
-    return ReversibleColumns(columns, [(w,) for w in WIDTHS], gamma_init=gamma_init, reversible=reversible)
+    return ReversibleColumns(columns, [(w,) for w in WIDTHS], gamma_init=gamma_init, reversible=reversible,
+                             keep_top_graph=keep_top_graph)
 
 
 def weighted_loss(states):
@@ -70,16 +72,19 @@ def assert_same_grads(model, x, tol, **context):
     assert any("gammas" in name for name in gp_p)
 
 
+@pytest.mark.parametrize("keep_top_graph", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_float64_gradients_equal_plain_autograd(dropout):
+def test_float64_gradients_equal_plain_autograd(dropout, keep_top_graph):
     torch.manual_seed(0)
-    model = mix_columns(4, dropout=dropout).double()
+    model = mix_columns(4, dropout=dropout, keep_top_graph=keep_top_graph).double()
     assert_same_grads(model, torch.randn(3, 5, dtype=torch.float64), 1e-10)
 
 
-def test_float64_isotropic_levels_with_dropout_drop_path_and_padding_mask():
+@pytest.mark.parametrize("keep_top_graph", [False, True])
+def test_float64_isotropic_levels_with_dropout_drop_path_and_padding_mask(keep_top_graph):
     torch.manual_seed(0)
-    model = isotropic_columns(16, [1, 2, 1, 1], 3, 4, drop_path_rate=0.3, dropout=0.1, attn_dropout=0.1).double()
+    model = isotropic_columns(16, [1, 2, 1, 1], 3, 4, drop_path_rate=0.3, dropout=0.1, attn_dropout=0.1,
+                              keep_top_graph=keep_top_graph).double()
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[1, 4:] = True
     assert_same_grads(model, torch.randn(2, 6, 16, dtype=torch.float64), 1e-10, key_padding_mask=mask)
@@ -95,11 +100,12 @@ def test_float32_gradients_equal_plain_autograd():
     assert_same_grads(model, torch.randn(2, 6, 16), 1e-4)
 
 
+@pytest.mark.parametrize("keep_top_graph", [False, True])
 @pytest.mark.parametrize("used", [(3,), (1,), (0, 2)])
-def test_gradients_when_the_loss_uses_only_some_levels(used):
+def test_gradients_when_the_loss_uses_only_some_levels(used, keep_top_graph):
     # A classifier reads only the top level: the other levels of the last column get no gradient at all.
     torch.manual_seed(0)
-    model = mix_columns(3, dropout=0.3).double()
+    model = mix_columns(3, dropout=0.3, keep_top_graph=keep_top_graph).double()
     x = torch.randn(3, 5, dtype=torch.float64)
     results = []
     for reversible in (True, False):
@@ -173,6 +179,7 @@ def recorded_inputs(model, x):
     # The paper's gamma (0.5): each inverse step divides rounding error by gamma, so it grows per column.
     (lambda: mix_columns(4), (3, 5), torch.float64, 1e-12),
     (lambda: isotropic_columns(16, [1, 1, 1, 1], 4, 4), (2, 7, 16), torch.float64, 1e-11),
+    (lambda: isotropic_columns(16, [1, 1, 1, 1], 4, 4, keep_top_graph=True), (2, 7, 16), torch.float64, 1e-11),
     # gamma = 1: float32 stays accurate through 16 columns.
     (lambda: isotropic_columns(16, [1, 1, 1, 1], 16, 4, gamma_init=1.0), (2, 7, 16), torch.float32, 1e-4),
 ])
@@ -180,6 +187,9 @@ def test_reconstruction_matches_forward_activations(make, input_shape, dtype, to
     torch.manual_seed(0)
     model = make().to(dtype)
     logs = recorded_inputs(model, torch.randn(*input_shape, dtype=dtype))
+    if model.keep_top_graph:
+        top = (len(model.columns) - 1, model.num_levels - 1)
+        assert [grad for grad, _, _ in logs.pop(top)] == [True], "the last column's top level keeps its graph"
     worst = 0.0
     for (c, l), calls in logs.items():
         assert [grad for grad, _, _ in calls] == [False, True], "one forward call, one recompute per level"
@@ -190,29 +200,49 @@ def test_reconstruction_matches_forward_activations(make, input_shape, dtype, to
     assert worst < tol
 
 
+@pytest.mark.parametrize("keep_top_graph", [False, True])
 @pytest.mark.parametrize("make,input_shape", [
-    (lambda n, rev: mix_columns(n, reversible=rev), (2, 5)),
-    (lambda n, rev: isotropic_columns(16, [1, 1, 1, 1], n, 4, reversible=rev), (2, 6, 16)),
+    (lambda n, rev, keep: mix_columns(n, reversible=rev, keep_top_graph=keep), (2, 5)),
+    (lambda n, rev, keep: isotropic_columns(16, [1, 1, 1, 1], n, 4, reversible=rev, keep_top_graph=keep), (2, 6, 16)),
 ])
-def test_saved_memory_is_flat_in_columns_when_reversible_and_linear_when_plain(make, input_shape):
+def test_saved_memory_is_flat_in_columns_when_reversible_and_linear_when_plain(make, input_shape, keep_top_graph):
     def saved(n, rev):
         torch.manual_seed(0)
-        model = make(n, rev)
+        model = make(n, rev, keep_top_graph)
         x = torch.randn(*input_shape)
         with count_saved_bytes() as counter:
             states = model(x)
-        return counter.bytes, sum(t.numel() * t.element_size() for t in [x, *states])
+        # The stem output and the last column's outputs, and with keep_top_graph the graph of its top level.
+        with count_saved_bytes() as expected:
+            note_kept_for_backward([x, *states])
+            if keep_top_graph:
+                model.columns[-1].levels[-1](states[-2].detach().requires_grad_(), None)
+        return counter.bytes, expected.bytes
 
     rev = [saved(n, True) for n in (2, 4, 8, 16)]
     assert len(set(rev)) == 1, rev
-    kept, stem_and_outputs = rev[0]
-    assert kept == stem_and_outputs  # the stem output and the last column's outputs, nothing more
+    kept, expected = rev[0]
+    assert kept == expected
     rev = [kept for kept, _ in rev]
     plain = [saved(n, False)[0] for n in (2, 4, 8, 16)]
     step = plain[1] - plain[0]  # two more columns
     assert step > 0
     assert plain[2] - plain[1] == 2 * step and plain[3] - plain[2] == 4 * step, plain
     assert rev[0] < plain[0]
+
+
+def test_reversible_forward_under_autocast_keeps_no_weight_copies():
+    # Autocast caches the half-precision copy of every weight until its region ends. The reversible forward
+    # runs without that cache: a decoder running after the columns (still inside the region) would
+    # otherwise have every column's weight copies beside its own activations.
+    torch.manual_seed(0)
+    model = isotropic_columns(64, [1, 1], 3, 4)  # the weights dwarf the states
+    x = torch.randn(2, 4, 64)
+    with PeakBytes(ignore=[x, *model.parameters()]) as peak:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            states = model(x)
+            live = peak.current
+    assert live == sum(s.untyped_storage().nbytes() for s in states)
 
 
 def test_backward_peak_memory_is_flat_in_columns_when_reversible():
@@ -263,9 +293,10 @@ def test_backward_holds_about_two_columns_of_states(autocast):
     assert max(held) < 2 * L + 4.5, held
 
 
-def test_backward_refuses_outputs_modified_in_place_and_a_second_run():
+@pytest.mark.parametrize("keep_top_graph", [False, True])
+def test_backward_refuses_outputs_modified_in_place_and_a_second_run(keep_top_graph):
     torch.manual_seed(0)
-    model = mix_columns(3)
+    model = mix_columns(3, keep_top_graph=keep_top_graph)
     states = model(torch.randn(3, 5))
     with torch.no_grad():
         states[1].mul_(2)

@@ -23,9 +23,11 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_cuda_dropout_is_replayed_float64():
+@pytest.mark.parametrize("keep_top_graph", [False, True])
+def test_cuda_dropout_is_replayed_float64(keep_top_graph):
     torch.manual_seed(0)
-    model = isotropic_columns(32, [1, 1, 1, 1], 4, 4, drop_path_rate=0.3, dropout=0.2, attn_dropout=0.2).cuda().double()
+    model = isotropic_columns(32, [1, 1, 1, 1], 4, 4, drop_path_rate=0.3, dropout=0.2, attn_dropout=0.2,
+                              keep_top_graph=keep_top_graph).cuda().double()
     x = torch.randn(4, 9, 32, device="cuda", dtype=torch.float64)
     mask = torch.zeros(4, 9, dtype=torch.bool, device="cuda")
     mask[2, 6:] = True
@@ -33,10 +35,12 @@ def test_cuda_dropout_is_replayed_float64():
     assert rel(step(model, x, True, 0), step(model, x, True, 1)) > 1e-3, "dropout must be active"
 
 
+@pytest.mark.parametrize("keep_top_graph", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_autocast_reversible_matches_plain(dtype):
+def test_cuda_autocast_reversible_matches_plain(dtype, keep_top_graph):
     torch.manual_seed(0)
-    model = isotropic_columns(64, [1, 1, 1, 1], 4, 4, dropout=0.1, gamma_init=1.0).cuda()
+    model = isotropic_columns(64, [1, 1, 1, 1], 4, 4, dropout=0.1, gamma_init=1.0,
+                              keep_top_graph=keep_top_graph).cuda()
     x = torch.randn(8, 16, 64, device="cuda")
     rev, plain = step(model, x, True, 0, dtype), step(model, x, False, 0, dtype)
     assert torch.isfinite(rev).all()
@@ -46,7 +50,8 @@ def test_cuda_autocast_reversible_matches_plain(dtype):
 def test_cuda_compiled_levels_replay_dropout_and_match_plain():
     # Inductor and Triton on the GPU, the random ops (CUDA generator) kept eager between compiled pieces.
     torch.manual_seed(0)
-    kwargs = dict(drop_path_rate=0.3, dropout=0.1, attn_dropout=0.1, activation_dropout=0.1, gamma_init=1.0)
+    kwargs = dict(drop_path_rate=0.3, dropout=0.1, attn_dropout=0.1, activation_dropout=0.1, gamma_init=1.0,
+                  keep_top_graph=True)
     eager = isotropic_columns(64, [1, 1, 1, 1], 3, 4, **kwargs).cuda()
     compiled = isotropic_columns(64, [1, 1, 1, 1], 3, 4, **kwargs).cuda()
     compiled.load_state_dict(eager.state_dict())

@@ -67,8 +67,10 @@ class RevColViT(nn.Module):
 
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
+        # Only the pooled head runs after the columns, so keeping the top level's graph costs no peak memory.
         self.revcol = isotropic_columns(embed_dim, depths, columns, num_heads, mlp_ratio=mlp_ratio,
-                                        drop_path_rate=drop_path_rate, gamma_init=gamma_init, reversible=reversible)
+                                        drop_path_rate=drop_path_rate, gamma_init=gamma_init, reversible=reversible,
+                                        keep_top_graph=True)
         self.norm = nn.LayerNorm(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()

@@ -18,7 +18,7 @@ import matplotlib
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from revcol import count_saved_bytes
+from revcol import PeakBytes
 
 from .config import UsageError
 from .revcol_vit import VARIANTS
@@ -63,17 +63,20 @@ def gflops(model: torch.nn.Module, img_size: int) -> float:
     return counter.get_total_flops() / 2 / 1e9
 
 
-def saved_mb_per_sample(model: torch.nn.Module, img_size: int) -> float:
-    """Activation memory autograd keeps for backward per image: saved bytes at batch 2 minus batch 1, which
-    cancels the parameters that ops save."""
+def peak_mb_per_sample(model: torch.nn.Module, img_size: int) -> float:
+    """Peak activation memory of a training step (forward and backward) per image, on any device: the peak
+    at batch 2 minus that at batch 1, which cancels what does not grow with the batch."""
     model.train()
     device = next(model.parameters()).device
-    saved = []
+    peaks = []
     for batch in (1, 2):
-        with count_saved_bytes() as counter:
-            model(torch.zeros(batch, 3, img_size, img_size, device=device)).sum()
-        saved.append(counter.bytes)
-    return (saved[1] - saved[0]) / 2**20
+        x = torch.zeros(batch, 3, img_size, img_size, device=device)
+        model(x).sum().backward()  # allocates the gradients, which the measured step starts with
+        with PeakBytes(ignore=[*model.parameters(), *(p.grad for p in model.parameters())]) as peak:
+            model(x).sum().backward()
+        peaks.append(peak.peak)
+    model.zero_grad(set_to_none=True)
+    return (peaks[1] - peaks[0]) / 2**20
 
 
 def measure(args, num_classes: int, history: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -84,7 +87,7 @@ def measure(args, num_classes: int, history: List[Dict[str, Any]]) -> Dict[str, 
     if "peak_memory_mb" in history[-1]:
         row.update(memory_mb=max(r["peak_memory_mb"] for r in history), memory_kind="cuda peak per GPU")
     else:
-        row.update(memory_mb=saved_mb_per_sample(model, args.img_size), memory_kind="saved for backward per image")
+        row.update(memory_mb=peak_mb_per_sample(model, args.img_size), memory_kind="training peak per image")
     return row
 
 

@@ -131,10 +131,12 @@ def test_sweep_writes_csv_and_png(small_digits, tmp_path):
     for row in rows:
         assert 0 <= float(row["top1"]) <= 100
         assert float(row["params_m"]) > 0 and float(row["gflops"]) > 0 and float(row["memory_mb"]) > 0
-        assert row["memory_kind"] == "saved for backward per image"
+        assert row["memory_kind"] == "training peak per image"
         assert (tmp_path / row["variant"] / "checkpoint.pth").is_file()
-    # Reversible columns keep activation memory flat in the number of columns.
-    assert len({round(float(row["memory_mb"]), 6) for row in rows}) == 1
+    # The reversible backward holds one level's activations at a time: the more columns (of the same 32 blocks),
+    # the shorter the levels, the less memory (0.17, 0.10, 0.06, 0.04 MB per image here).
+    memory = [float(row["memory_mb"]) for row in rows]
+    assert all(a > 1.3 * b for a, b in zip(memory, memory[1:])), memory
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -5,6 +5,9 @@
    ops save a reference to.
 2. The tiny architecture cast wholly to float16 / bfloat16 (what fairseq's --fp16 does): relative gradient
    error of reversible against plain, worst over the encoder's parameters.
+3. Peak memory of one whole training step (encoder, decoder, loss, backward; paper width, 32 x 32 tokens),
+   float32 and under bf16 autocast (what --amp does on GPU), above the parameters and their gradients; and
+   in float32 with the encoder's keep_top_graph on, which the encoder leaves off.
 
     python benchmarks/fairseq_encoder.py
 """
@@ -13,7 +16,7 @@ from datetime import date
 import torch
 from fairseq import options, tasks
 
-from revcol import count_saved_bytes
+from revcol import PeakBytes, count_saved_bytes
 
 
 def build(arch, *flags):
@@ -50,6 +53,23 @@ def half_precision_error(dtype, columns, gamma):
     return max(((rev[n] - plain[n]).norm() / plain[n].norm()).item() for n in plain)
 
 
+def step_peak_mib(autocast, keep_top_graph=False):
+    model = build("revcol_transformer").train()
+    model.encoder.columns.keep_top_graph = keep_top_graph
+    src, prev = torch.randint(4, 1000, (2, 32, 32), generator=torch.Generator().manual_seed(1))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, _ = model(src, torch.full((32,), 32), prev)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), prev.flatten())
+        loss.backward()
+
+    step()  # allocates the gradients, which the measured step starts with
+    with PeakBytes(ignore=[*model.parameters(), *(p.grad for p in model.parameters())]) as peak:
+        step()
+    return peak.peak / 2**20
+
+
 def main():
     print(f"# CPU, {date.today()}, torch {torch.__version__}")
     print("| columns | reversible MiB | plain MiB |\n|---|---|---|")
@@ -60,6 +80,10 @@ def main():
                                   (torch.bfloat16, 4, 0.5)]:
         error = half_precision_error(dtype, columns, gamma)
         print(f"| {str(dtype).split('.')[1]} | {columns} | {gamma} | {error:.1%} |")
+    print("\n| training step | peak MiB |\n|---|---|")
+    print(f"| float32 | {step_peak_mib(False):.1f} |")
+    print(f"| float32, keep_top_graph | {step_peak_mib(False, keep_top_graph=True):.1f} |")
+    print(f"| bf16 autocast | {step_peak_mib(True):.1f} |")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ class RevColEncoder(FairseqEncoder):
             max_source_positions, dim, self.padding_idx, learned=learned_pos)
         self.layernorm_embedding = LayerNorm(dim) if layernorm_embedding else None
         self.dropout_module = FairseqDropout(dropout, module_name=self.__class__.__name__)
+        # No keep_top_graph: the decoder runs between the encoder's forward and backward, and the kept graph
+        # would add one level's activations to the decoder's peak.
         self.columns = isotropic_columns(dim, blocks, num_columns, num_heads, mlp_ratio=ffn_dim / dim,
                                          drop_path_rate=drop_path, dropout=dropout, attn_dropout=attention_dropout,
                                          activation_dropout=activation_dropout, gamma_init=gamma_init,

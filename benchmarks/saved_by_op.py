@@ -6,7 +6,8 @@ kernel needs a real device, so ``scaled_dot_product_attention`` is routed to the
 GPU runs for these bf16 heads without a mask (head dims 56 and 64).
 
   kept after the forward   per image, for whole models under plain autograd (the reversible forward keeps
-                           only the stem output and the last column's states: ``memory.py``'s "saved")
+                           the stem output and the last column's states, ``memory.py``'s "saved", and in
+                           RevCol-ViT the graph of the last column's top level, one level's worth)
   kept by op               per image, for one RevCol-ViT-S level (fusion + 2 blocks, what the backward
                            recomputes at a time) and one ViT-S block, grouped by the autograd node that
                            keeps it; a storage several nodes keep counts once, under the first one met

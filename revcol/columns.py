@@ -118,6 +118,7 @@ class _ReversibleColumn(torch.autograd.Function):
             if torch.amp.is_autocast_available(device_type) else nullcontext()
         ctx.rng: Dict[int, _RngState] = {}
         ctx.top = None
+        keep_top = keep_top and any(ctx.needs_input_grad)  # with nothing to differentiate, no backward runs
         states: List[Tensor] = []
         with ctx.autocast:
             for l in range(L - 1 if keep_top else L):

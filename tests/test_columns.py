@@ -231,6 +231,18 @@ def test_saved_memory_is_flat_in_columns_when_reversible_and_linear_when_plain(m
     assert rev[0] < plain[0]
 
 
+def test_frozen_columns_keep_no_graph_of_the_top_level():
+    # A frozen backbone under grad mode (training only a head, say): no backward will run, so keep_top_graph
+    # must not hold the top level's activations while the outputs live.
+    torch.manual_seed(0)
+    model = mix_columns(3, keep_top_graph=True).requires_grad_(False)
+    with count_saved_bytes() as saved:
+        states = model(torch.randn(3, 5))
+    with count_saved_bytes() as outputs:
+        note_kept_for_backward(states)
+    assert saved.bytes == outputs.bytes
+
+
 def test_reversible_forward_under_autocast_keeps_no_weight_copies():
     # Autocast caches the half-precision copy of every weight until its region ends. The reversible forward
     # runs without that cache: a decoder running after the columns (still inside the region) would

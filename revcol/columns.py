@@ -94,11 +94,12 @@ class _RngState:
 class _ReversibleColumn(torch.autograd.Function):
     """One column run without a graph; its backward rebuilds the previous column and differentiates this one.
 
-    Only the last column keeps its outputs. Every other column finds its outputs on the ``tape``, where
-    the next column's backward put them after rebuilding them, together with their gradients; autograd
-    runs the backwards last column first, because each column's output gradients come from the next
-    column's backward. Parameter gradients are returned column by column, so they are accumulated (and,
-    under DDP, reduced) as soon as a column is done instead of being held to the end.
+    Only the last column keeps its outputs (and, with ``keep_top``, its top level's graph). Every other
+    column finds its outputs on the ``tape``, where the next column's backward put them after rebuilding
+    them, together with their gradients; autograd runs the backwards last column first, because each
+    column's output gradients come from the next column's backward. Parameter gradients are returned column
+    by column, so they are accumulated (and, under DDP, reduced) as soon as a column is done instead of being
+    held to the end.
     """
 
     @staticmethod

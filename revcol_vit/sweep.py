@@ -68,10 +68,10 @@ def peak_mb_per_sample(model: torch.nn.Module, img_size: int) -> float:
     at batch 2 minus that at batch 1, which cancels what does not grow with the batch."""
     model.train()
     device = next(model.parameters()).device
+    images = [torch.zeros(batch, 3, img_size, img_size, device=device) for batch in (1, 2)]
+    model(images[0]).sum().backward()  # allocates the gradients, which the measured steps start with
     peaks = []
-    for batch in (1, 2):
-        x = torch.zeros(batch, 3, img_size, img_size, device=device)
-        model(x).sum().backward()  # allocates the gradients, which the measured step starts with
+    for x in images:
         with PeakBytes(ignore=[*model.parameters(), *(p.grad for p in model.parameters())]) as peak:
             model(x).sum().backward()
         peaks.append(peak.peak)

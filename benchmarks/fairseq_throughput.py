@@ -2,9 +2,9 @@
 
 Training runs the real ``fairseq-train`` on ``--task dummy_mt`` (dictionary 32768, 30-token sentences,
 shared embeddings, Adam, label smoothing, --fp16) and reads words/s from fairseq's JSON log, skipping the
-first log interval (warm-up). Generation builds both models in one process and times beam search (beam 4)
-on random 30-token sources with the output length pinned, so both decoders produce the same number of
-tokens.
+first log interval (warm-up). Generation builds both models in one process (RevCol also with compiled encoder
+levels) and times beam search (beam 4) on random 30-token sources with the output length pinned, so both
+decoders produce the same number of tokens.
 
     python benchmarks/fairseq_throughput.py --max-tokens 4096,8192      # needs CUDA and fairseq
 """
@@ -19,7 +19,11 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ["transformer_wmt_en_de_big", "revcol_transformer"]
+GENERATORS = [  # (arch, compiled encoder levels): the checkpoint flag --revcol-compile compiles them in generation
+    ("transformer_wmt_en_de_big", False),
+    ("revcol_transformer", False),
+    ("revcol_transformer", True),
+]
 RUNS = [  # (arch, precision, extra flags)
     ("transformer_wmt_en_de_big", "fp16", ()),
     ("revcol_transformer", "fp16", ()),
@@ -67,7 +71,7 @@ def train_wps(arch, precision, extra, max_tokens, args):
     return params, statistics.median(wps[1:]) if len(wps) > 1 else float("nan")
 
 
-def generation_speed(arch, args):
+def generation_speed(arch, compiled, args):
     from fairseq import options, tasks
     from fairseq.sequence_generator import SequenceGenerator
 
@@ -78,6 +82,8 @@ def generation_speed(arch, args):
     task = tasks.setup_task(a)
     torch.manual_seed(0)
     model = task.build_model(a).cuda().half().eval()
+    if compiled:
+        model.encoder.columns.compile_levels()
     generator = SequenceGenerator([model], task.target_dictionary, beam_size=4, max_len_a=0, max_len_b=SENT_LEN,
                                   min_len=SENT_LEN)
     d = task.source_dictionary
@@ -86,7 +92,7 @@ def generation_speed(arch, args):
     sample = {"net_input": {"src_tokens": src,
                             "src_lengths": torch.full((args.gen_batch,), SENT_LEN, device="cuda")}}
     with torch.no_grad():
-        generator.generate([model], sample)  # warm-up
+        generator.generate([model], sample)  # warm-up (and compilation)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(args.gen_batches):
@@ -113,10 +119,10 @@ def main():
         print(f"max tokens {max_tokens}: training words/s against {RUNS[0][0]} --fp16: " + ", ".join(
             f"{arch} --{precision} {' '.join(extra)} {train[arch, precision, extra, max_tokens] / big:.2f}"
             for arch, precision, extra in RUNS[1:]))
-    gen = {arch: generation_speed(arch, args) for arch in ARCHS}
-    for arch in ARCHS:
-        print(f"generation, beam 4, batch {args.gen_batch}: {arch} {gen[arch]:.1f} sentences/s")
-    print(f"generation revcol / big = {gen['revcol_transformer'] / gen['transformer_wmt_en_de_big']:.2f}")
+    gen = {(arch, compiled): generation_speed(arch, compiled, args) for arch, compiled in GENERATORS}
+    for (arch, compiled), speed in gen.items():
+        print(f"generation, beam 4, batch {args.gen_batch}: {arch}{' compiled' * compiled} {speed:.1f} sentences/s "
+              f"({speed / gen[GENERATORS[0]]:.2f}x {GENERATORS[0][0]})", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,14 @@ GPU runs one fused kernel). fairseq's models read values back from tensors, so t
 tiny batch. View ops (view, transpose, expand, detach, ...) are counted too: they launch no kernel but cost
 host time.
 
+Generation (beam 4, 8 sources of 30 tokens, output length pinned to 30) is launch-bound on a GPU too. Besides
+its ops, and those of the encoder alone, it is timed on CPU at width 64 with one thread: there the compute is
+negligible, so the time is the host's, what a launch-bound GPU waits for.
+
     python benchmarks/op_counts.py          # a minute on CPU
 """
+import statistics
+import time
 from collections import Counter
 from datetime import date
 
@@ -33,7 +39,7 @@ class OpCounter(TorchDispatchMode):
 
 
 def count(step):
-    step()  # the first step allocates gradients
+    step()  # the first run allocates gradients and warms up
     with OpCounter() as counter:
         step()
     total = sum(counter.ops.values())
@@ -50,7 +56,7 @@ def vit_step(label):
     return lambda: torch.nn.functional.cross_entropy(model(x), y).backward()
 
 
-def fairseq_step(arch):
+def fairseq_model(arch, flags=(), dict_size=32768):
     import types
 
     from fairseq import options
@@ -59,16 +65,63 @@ def fairseq_step(arch):
 
     import revcol_fairseq  # noqa: F401  (registers revcol_transformer)
     dictionary = Dictionary()
-    for i in range(32768 - len(dictionary)):
+    for i in range(dict_size - len(dictionary)):
         dictionary.add_symbol(f"w{i}")
     args = options.parse_args_and_arch(options.get_training_parser(),
-                                       ["unused", "--arch", arch, "--share-all-embeddings"])
+                                       ["unused", "--arch", arch, "--share-all-embeddings", *flags])
     task = types.SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary)
     torch.manual_seed(0)
-    model = ARCH_MODEL_REGISTRY[arch].build_model(args, task).train()
+    return ARCH_MODEL_REGISTRY[arch].build_model(args, task), dictionary
+
+
+def fairseq_step(arch):
+    model = fairseq_model(arch)[0].train()
     src, prev = torch.randint(4, 32768, (2, 8, 30))
     lengths = torch.full((8,), 30)
     return lambda: model(src, lengths, prev)[0].float().mean().backward()
+
+
+WIDTH_64 = ["--encoder-embed-dim", "64", "--decoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128",
+            "--decoder-ffn-embed-dim", "128", "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"]
+
+
+def generation(arch, flags=(), dict_size=32768):
+    """Beam search and the encoder alone, as functions of no arguments, for 8 sources of 30 tokens."""
+    from fairseq.sequence_generator import SequenceGenerator
+    model, dictionary = fairseq_model(arch, flags, dict_size)
+    model.eval()
+    generator = SequenceGenerator([model], dictionary, beam_size=4, max_len_a=0, max_len_b=30, min_len=30)
+    src = torch.randint(dictionary.nspecial, len(dictionary), (8, 30))
+    src[:, -1] = dictionary.eos()
+    lengths = torch.full((8,), 30)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
+    return lambda: generator.generate([model], sample), lambda: model.encoder(src, lengths)
+
+
+def host_ms(fn, repeats=7):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def generation_table():
+    print("\n| model | generation ops | without views | encoder ops | without views | "
+          "host ms at width 64: generation | encoder |\n|---|---|---|---|---|---|---|")
+    host = {}
+    with torch.no_grad():
+        for arch in FAIRSEQ_ARCHS:
+            ops = [count(fn) for fn in generation(arch)]
+            host[arch] = [host_ms(fn) for fn in generation(arch, WIDTH_64, dict_size=1000)]
+            print(f"| {arch} | {ops[0][0]} | {ops[0][1]} | {ops[1][0]} | {ops[1][1]} | "
+                  f"{host[arch][0]:.1f} | {host[arch][1]:.1f} |", flush=True)
+    # The decoders dispatch the same ops, so the encoders' host times make the difference; the totals vary more.
+    (generate_big, encoder_big), (_, encoder_rev) = (host[arch] for arch in FAIRSEQ_ARCHS)
+    print(f"revcol_transformer's encoder adds {encoder_rev - encoder_big:.1f} ms of host time per batch: launch-bound, "
+          f"it generates at {generate_big / (generate_big + encoder_rev - encoder_big):.2f}x transformer_wmt_en_de_big")
 
 
 def main():
@@ -89,6 +142,8 @@ def main():
                  ("revcol_vit_b", "vit_base_patch16_224"), ("revcol_transformer", "transformer_wmt_en_de_big")]:
         if a in rows and b in rows:
             print(f"{a} / {b}: {rows[a][0] / rows[b][0]:.2f}x the ops ({rows[a][1] / rows[b][1]:.2f}x without views)")
+    if all(arch in rows for arch in FAIRSEQ_ARCHS):
+        generation_table()
 
 
 if __name__ == "__main__":

@@ -37,14 +37,19 @@ def test_cuda_dropout_is_replayed_float64(keep_top_graph):
 
 @pytest.mark.parametrize("keep_top_graph", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_autocast_reversible_matches_plain(dtype, keep_top_graph):
+def test_cuda_autocast_costs_no_accuracy_beyond_half_precision(dtype, keep_top_graph):
     torch.manual_seed(0)
     model = isotropic_columns(64, [1, 1, 1, 1], 4, 4, dropout=0.1, gamma_init=1.0,
                               keep_top_graph=keep_top_graph).cuda()
     x = torch.randn(8, 16, 64, device="cuda")
+    fp32 = step(model, x, False, 0)
     rev, plain = step(model, x, True, 0, dtype), step(model, x, False, 0, dtype)
     assert torch.isfinite(rev).all()
-    assert rel(rev, plain) < 2e-2
+    # Half precision itself moves these gradients by percents (on CPU: fp16 1-2%, bf16 10-17%), and the
+    # reversible ones differ from the plain ones by about 0.4 of that: both are rounded versions of the float32
+    # gradients. What must hold is that rebuilding the states adds no error (on CPU, over 24 seeds and dtypes,
+    # the ratio below was at most 1.03).
+    assert rel(rev, fp32) < 1.1 * rel(plain, fp32)
 
 
 def test_cuda_compiled_levels_replay_dropout_and_match_plain():
@@ -59,4 +64,5 @@ def test_cuda_compiled_levels_replay_dropout_and_match_plain():
     x = torch.randn(4, 16, 64, device="cuda")
     plain = step(eager, x, False, 0)
     assert rel(step(compiled, x, True, 0), plain) < 1e-4
-    assert rel(step(compiled, x, True, 0, torch.bfloat16), step(eager, x, False, 0, torch.bfloat16)) < 2e-2
+    bf16_error = rel(step(eager, x, False, 0, torch.bfloat16), plain)
+    assert rel(step(compiled, x, True, 0, torch.bfloat16), plain) < 1.1 * bf16_error

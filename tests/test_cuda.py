@@ -45,11 +45,14 @@ def test_cuda_autocast_costs_no_accuracy_beyond_half_precision(dtype, keep_top_g
     fp32 = step(model, x, False, 0)
     rev, plain = step(model, x, True, 0, dtype), step(model, x, False, 0, dtype)
     assert torch.isfinite(rev).all()
-    # Half precision itself moves these gradients by percents (on CPU: fp16 1-2%, bf16 10-17%), and the
-    # reversible ones differ from the plain ones by about 0.4 of that: both are rounded versions of the float32
-    # gradients. What must hold is that rebuilding the states adds no error (on CPU, over 24 seeds and dtypes,
-    # the ratio below was at most 1.03).
-    assert rel(rev, fp32) < 1.1 * rel(plain, fp32)
+    # Half precision itself moves these gradients by percents (on CPU: fp16 1-2%, bf16 10-17%), so a fixed bound
+    # on reversible against plain would test rounding luck. Rebuilding the states must add no error beyond half
+    # precision's, and the reversible gradients must stay nearer the plain half-precision ones than those are to
+    # float32 (a recompute under another precision would not). On CPU, over 12 seeds and both dtypes, the two
+    # ratios were at most 1.03 and 0.46.
+    half_error = rel(plain, fp32)
+    assert rel(rev, fp32) < 1.1 * half_error
+    assert rel(rev, plain) < 0.75 * half_error
 
 
 def test_cuda_compiled_levels_replay_dropout_and_match_plain():

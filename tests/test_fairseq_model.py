@@ -340,6 +340,27 @@ def test_fairseq_generate_with_user_dir_translates_every_sentence(trained):
     assert len(re.findall(r"^H-\d+\t", output, flags=re.M)) == 24
 
 
+def hypotheses(output):
+    """{sentence id: (hypothesis, score)} from fairseq-generate's H lines."""
+    found = re.findall(r"^H-(\d+)\t(\S+)\t(.*)$", output, flags=re.M)
+    return {int(i): (text, float(score)) for i, score, text in found}
+
+
+def test_fairseq_generate_with_compiled_levels_matches_eager(trained):
+    """A checkpoint trained with --revcol-compile generates with compiled encoder levels (eval mode, no grad,
+    a new source length in each of the three batches); here the override turns that on for an eager checkpoint."""
+    workdir, _, checkpoints, _ = trained
+    generate = ["generate", "data-bin", "--user-dir", USER_DIR, "--path", str(checkpoints / "checkpoint_last.pt"),
+                "--gen-subset", "valid", "--beam", "3", "--batch-size", "8"]
+    _, eager = fairseq_cli(*generate, cwd=workdir)
+    _, compiled = fairseq_cli(*generate, "--model-overrides", "{'revcol_compile': True}", cwd=workdir)
+    eager, compiled = hypotheses(eager), hypotheses(compiled)
+    assert sorted(compiled) == sorted(eager) == list(range(24))
+    for i, (text, score) in eager.items():
+        assert compiled[i][0] == text
+        assert compiled[i][1] == pytest.approx(score, abs=1e-5)
+
+
 def test_fairseq_generate_without_user_dir_fails_naming_the_checkpoint_global(trained):
     """Without the plugin nothing of ours runs: torch refuses the checkpoint's argparse.Namespace first
     (docs/fairseq.md says what this message means)."""

@@ -332,31 +332,31 @@ def test_resume_reproduces_the_uninterrupted_run(trained):
         assert torch.equal(got[name], want[name]), name
 
 
-def test_fairseq_generate_with_user_dir_translates_every_sentence(trained):
+def generate(trained, *flags):
+    """{sentence id: (hypothesis, score)} from fairseq-generate's H lines for the toy valid set (24 sentences)."""
     workdir, _, checkpoints, _ = trained
     _, output = fairseq_cli("generate", "data-bin", "--user-dir", USER_DIR, "--path",
                             str(checkpoints / "checkpoint_last.pt"), "--gen-subset", "valid", "--beam", "3",
-                            "--batch-size", "8", cwd=workdir)
-    assert len(re.findall(r"^H-\d+\t", output, flags=re.M)) == 24
-
-
-def hypotheses(output):
-    """{sentence id: (hypothesis, score)} from fairseq-generate's H lines."""
+                            "--batch-size", "8", *flags, cwd=workdir)
     found = re.findall(r"^H-(\d+)\t(\S+)\t(.*)$", output, flags=re.M)
     return {int(i): (text, float(score)) for i, score, text in found}
 
 
-def test_fairseq_generate_with_compiled_levels_matches_eager(trained):
+@pytest.fixture(scope="module")
+def generated(trained):
+    return generate(trained)
+
+
+def test_fairseq_generate_with_user_dir_translates_every_sentence(generated):
+    assert sorted(generated) == list(range(24))
+
+
+def test_fairseq_generate_with_compiled_levels_matches_eager(trained, generated):
     """A checkpoint trained with --revcol-compile generates with compiled encoder levels (eval mode, no grad,
     a new source length in each of the three batches); here the override turns that on for an eager checkpoint."""
-    workdir, _, checkpoints, _ = trained
-    generate = ["generate", "data-bin", "--user-dir", USER_DIR, "--path", str(checkpoints / "checkpoint_last.pt"),
-                "--gen-subset", "valid", "--beam", "3", "--batch-size", "8"]
-    _, eager = fairseq_cli(*generate, cwd=workdir)
-    _, compiled = fairseq_cli(*generate, "--model-overrides", "{'revcol_compile': True}", cwd=workdir)
-    eager, compiled = hypotheses(eager), hypotheses(compiled)
-    assert sorted(compiled) == sorted(eager) == list(range(24))
-    for i, (text, score) in eager.items():
+    compiled = generate(trained, "--model-overrides", "{'revcol_compile': True}")
+    assert sorted(compiled) == sorted(generated)
+    for i, (text, score) in generated.items():
         assert compiled[i][0] == text
         assert compiled[i][1] == pytest.approx(score, abs=1e-5)
 

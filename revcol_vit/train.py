@@ -12,7 +12,6 @@ import csv
 import logging
 import math
 import os
-import pickle
 import random
 import sys
 import time
@@ -37,11 +36,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+from revcol import load_plain_checkpoint
+
 from .config import IMAGENET_1K, UsageError, load_yaml_recipe
 
 _logger = logging.getLogger("revcol_vit.train")
 
 CHECKPOINT_NAME = "checkpoint.pth"
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "ema", "step", "epoch", "args", "model_kwargs",
+                   "classes", "history", "rng")  # what train() writes, and validate() and --resume read
 LOG_NAME = "log.csv"
 IMAGE_EXTENSIONS = get_img_extensions(as_set=True)  # what timm's folder reader loads
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
@@ -99,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--crop-pct", type=float, help="eval: resize to img_size / crop_pct, center crop")
 
     r = p.add_argument_group("runtime")
-    r.add_argument("--workers", type=int, default=8, help="data loading processes per rank")
+    r.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data loading processes per rank (default: 8, or fewer CPU cores)")
     r.add_argument("--device", help="default: cuda (this rank's GPU) if available, else cpu")
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the model (a RevCol model: each level function, the reversible backward "
@@ -194,7 +198,10 @@ def create_model(name: str, **kwargs) -> nn.Module:
     if not timm.is_model(name):
         revcol = ", ".join(timm.list_models("revcol_vit*"))
         raise UsageError(f"unknown model '{name}' (RevCol-ViT models: {revcol or 'none registered'})")
-    return timm.create_model(name, **kwargs)
+    try:
+        return timm.create_model(name, **kwargs)
+    except (TypeError, ValueError) as e:  # sizes that do not fit together, or an option the model does not take
+        raise UsageError(f"model {name} cannot be built with {kwargs}: {e}") from None
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -287,15 +294,14 @@ def write_csv(rows: List[Dict[str, Any]], path: str) -> None:
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path} does not exist")
-    # Safe loading: a checkpoint is plain data (tensors, containers, numbers, strings); one that pickles anything
-    # else, code included, is refused rather than run.
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "not plain data")
-        raise UsageError(f"checkpoint {path} holds more than plain data and is refused ({reason[:160]})") from None
+        ckpt = load_plain_checkpoint(path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise UsageError(f"checkpoint {path} was not written by revcol_vit.train (it lacks {', '.join(missing)})")
+    return ckpt
 
 
 # --- training -------------------------------------------------------------------------------------------------------
@@ -437,6 +443,10 @@ def train(args) -> List[Dict[str, Any]]:
     if args.amp == "fp16" and d.device.type != "cuda":
         raise UsageError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
     micro_batch = check_batch(args, d)
+    checkpoint = os.path.join(args.output, CHECKPOINT_NAME)
+    if not args.resume and os.path.exists(checkpoint):
+        raise UsageError(f"{args.output} already holds a checkpoint: continue it with --resume {checkpoint}, "
+                         f"or train into another --output")
     classes = list_classes(args.data)
     kwargs = model_kwargs(args, len(classes))
     random.seed(args.seed + d.rank)
@@ -508,7 +518,7 @@ def train(args) -> List[Dict[str, Any]]:
         if d.is_main:
             state = dict(t.state_dict(), epoch=epoch + 1, args=vars(args), model_kwargs=kwargs, classes=classes,
                          history=history, rng=rng)
-            save_atomic(lambda tmp: torch.save(state, tmp), os.path.join(args.output, CHECKPOINT_NAME))
+            save_atomic(lambda tmp: torch.save(state, tmp), checkpoint)
             write_csv(history, os.path.join(args.output, LOG_NAME))
             for key in ("val_loss", "val_top1", "val_top5", "ema_top1", "ema_top5"):
                 if key in row:

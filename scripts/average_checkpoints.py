@@ -2,10 +2,10 @@
 
 fairseq's own averaging script is not installed with its pip package, hence this one. It picks the newest
 ``checkpoint_<epoch>_<updates>.pt`` files (written with ``--save-interval-updates``) from a directory, loads them
-with ``torch.load(weights_only=True)`` (safe loading: importing revcol_fairseq allows the one extra global
-fairseq checkpoints hold), averages every floating-point weight in float64 and writes a checkpoint that
-fairseq-generate loads like any other: the newest input with its weights replaced. The output is written to a
-temporary file first and renamed, so it is never half-written.
+with ``torch.load(weights_only=True)`` (safe loading, through ``revcol.load_plain_checkpoint``: importing
+revcol_fairseq allows the one extra global fairseq checkpoints hold), averages every floating-point weight in
+float64 and writes a checkpoint that fairseq-generate loads like any other: the newest input with its weights
+replaced. The output is written to a temporary file first and renamed, so it is never half-written.
 
     python scripts/average_checkpoints.py checkpoints/wmt16_en_de --last 5 --output checkpoints/averaged.pt
 """
@@ -17,6 +17,7 @@ import sys
 import torch
 
 import revcol_fairseq  # noqa: F401  (registers the safe-loading allowlist for fairseq checkpoints)
+from revcol import load_plain_checkpoint
 
 UPDATE_CHECKPOINT = re.compile(r"checkpoint_\d+_(\d+)\.pt")
 
@@ -40,7 +41,10 @@ def average_checkpoints(paths):
     """Returns the newest checkpoint (the last path) with each weight replaced by its mean over ``paths``."""
     sums, newest = None, None
     for path in paths:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = load_plain_checkpoint(path)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
         weights = checkpoint["model"]
         if sums is None:
             sums = {name: w.double() if w.is_floating_point() else w for name, w in weights.items()}

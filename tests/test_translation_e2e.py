@@ -90,6 +90,23 @@ def test_average_checkpoints_writes_the_mean_and_it_loads(demo, tmp_path):
     assert isinstance(models[0], revcol_fairseq.RevColTransformerModel)
 
 
+def test_average_checkpoints_names_a_damaged_checkpoint_and_writes_nothing(demo, tmp_path):
+    work, _ = demo
+    damaged = tmp_path / "checkpoints"
+    damaged.mkdir()
+    inputs = sorted((work / "checkpoints").glob("checkpoint_*_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
+    for path in inputs:
+        (damaged / path.name).write_bytes(path.read_bytes())
+    newest = damaged / inputs[-1].name
+    newest.write_bytes(newest.read_bytes()[:100_000])  # cut off, as by a full disk
+    result = run([sys.executable, "scripts/average_checkpoints.py", str(damaged), "--last", "3",
+                  "--output", str(tmp_path / "averaged.pt")])
+    assert result.returncode == 1 and "Traceback" not in result.stderr  # (importing fairseq warns on stderr first)
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: checkpoint {newest} cannot be read: truncated, or not a torch checkpoint (RuntimeError)"
+    assert not list(tmp_path.glob("averaged.pt*"))
+
+
 def test_interactive_translates_like_generate(demo):
     work, _ = demo
     with open(work / "raw" / "test.src") as f:

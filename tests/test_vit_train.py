@@ -50,7 +50,7 @@ def read_csv(path: Path):
 
 @pytest.fixture(scope="module")
 def trained(digits, tmp_path_factory):
-    """8 epochs on the 1437 training digits; small learning rates train these tiny post-norm models fastest."""
+    """8 epochs on the 1433 training digits; small learning rates train these tiny post-norm models fastest."""
     output = tmp_path_factory.mktemp("trained")
     history = run_train(digits, output, *NO_AUGMENTATION, "--scale", "0.8", "1", "--epochs", "8",
                         "--warmup-epochs", "0.5", "--batch-size", "32", "--lr", "1e-4", "--lr-base-batch", "32")
@@ -177,12 +177,47 @@ def make_folder(root: Path, empty_class: bool = False) -> Path:
     ("empty class", [], r"class folder .*train[/\\]b has no images"),
     ("indivisible batch", ["--batch-size", "30", "--accum-steps", "4"],
      "--batch-size 30 is not divisible by world size 1 x --accum-steps 4"),
+    ("sizes that do not fit", ["--embed-dim", "30", "--num-heads", "4"],
+     "model revcol_vit_s cannot be built with .*: embed_dim 30 is not divisible by num_heads 4"),
+    ("a model without the options", ["--model", "resnet18"],
+     "model resnet18 cannot be built with .*unexpected keyword"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, case, flags, message):
     data = tmp_path / "missing" if case == "missing data" else make_folder(tmp_path / "data", case == "empty class")
     with pytest.raises(UsageError, match=message):
         run_train(data, tmp_path / "out", *flags)
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def test_an_earlier_run_is_not_overwritten_without_resume(trained, digits):
+    output, _ = trained
+    before = (output / "checkpoint.pth").read_bytes()
+    with pytest.raises(UsageError, match=f"{output} already holds a checkpoint: continue it with --resume"):
+        run_train(digits, output, "--epochs", "1")
+    assert (output / "checkpoint.pth").read_bytes() == before
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated", "cannot be read: truncated, or not a torch checkpoint"),
+    ("empty", "cannot be read: truncated, or not a torch checkpoint"),
+    ("random bytes", "cannot be read: truncated, or not a torch checkpoint"),
+    ("a folder", "is not a file"),
+    ("another torch file", "was not written by revcol_vit.train (it lacks optimizer, scheduler"),
+])
+def test_unreadable_checkpoint_is_one_clear_error(trained, small_digits, tmp_path, capsys, case, message):
+    good = (trained[0] / "checkpoint.pth").read_bytes()
+    path = tmp_path / "x.pth"
+    if case == "a folder":
+        path.mkdir()
+    elif case == "another torch file":
+        torch.save({"model": {}, "epoch": 3}, path)
+    else:
+        path.write_bytes({"truncated": good[:len(good) // 2], "empty": b"", "random bytes": os.urandom(4096)}[case])
+    with pytest.raises(SystemExit) as exit_info:
+        validate_main(["--model", "revcol_vit_s", "--checkpoint", str(path), "--data", str(small_digits)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"error: checkpoint {path} {message}"), error
 
 
 def test_cli_prints_bad_input_as_one_line(tmp_path):

@@ -1,6 +1,6 @@
 """Writes scikit-learn's bundled 8x8 digits as an ImageNet-layout folder of 32x32 RGB PNGs, for toy runs on CPU.
 
-    python examples/vit/make_digits.py data/digits     # train/digit0..9/*.png (1437), val/digit0..9/*.png (360)
+    python examples/vit/make_digits.py data/digits     # train/digit0..9/*.png (1433), val/digit0..9/*.png (364)
 """
 import argparse
 from pathlib import Path

@@ -1,0 +1,26 @@
+"""Safe checkpoint loading, with one clear error for each way a file can be wrong."""
+import os
+from typing import Any
+
+import torch
+
+
+def load_plain_checkpoint(path: str) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, raising ``ValueError`` with one line naming the
+    problem: no such path, a folder, a file that pickles more than plain data, or a damaged file.
+
+    Safe loading unpickles only plain data (tensors, containers, numbers, strings and the globals registered with
+    ``torch.serialization.add_safe_globals``), so a checkpoint that would run code is refused, never run.
+    """
+    if not os.path.exists(path):
+        raise ValueError(f"checkpoint {path} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path} is not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file fails in many ways: RuntimeError, EOFError, UnpicklingError, KeyError
+        unsafe = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), None)
+        if unsafe is not None:
+            raise ValueError(f"checkpoint {path} holds more than plain data and is refused ({unsafe[:160]})") from None
+        raise ValueError(f"checkpoint {path} cannot be read: truncated, or not a torch checkpoint "
+                         f"({type(e).__name__})") from None

@@ -1,8 +1,13 @@
 """Safe checkpoint loading, with one clear error for each way a file can be wrong."""
 import os
+import pickle
 from typing import Any
 
 import torch
+
+# What safe loading says when it refuses a global (a class or function the file would call), as opposed to a
+# damaged file ("Unsupported operand", "String is too long", ...): torch/_weights_only_unpickler.py.
+REFUSALS = ("GLOBAL", "add_safe_globals", "unrecognized function")
 
 
 def load_plain_checkpoint(path: str) -> Any:
@@ -19,8 +24,9 @@ def load_plain_checkpoint(path: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file fails in many ways: RuntimeError, EOFError, UnpicklingError, KeyError
-        unsafe = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), None)
-        if unsafe is not None:
-            raise ValueError(f"checkpoint {path} holds more than plain data and is refused ({unsafe[:160]})") from None
+        refusal = isinstance(e, pickle.UnpicklingError) and next(
+            (line.strip() for line in str(e).splitlines() if any(word in line for word in REFUSALS)), None)
+        if refusal:
+            raise ValueError(f"checkpoint {path} holds more than plain data and is refused ({refusal[:160]})") from None
         raise ValueError(f"checkpoint {path} cannot be read: truncated, or not a torch checkpoint "
                          f"({type(e).__name__})") from None

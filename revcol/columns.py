@@ -23,6 +23,8 @@ from .memory import note_kept_for_backward
 
 GAMMA_MIN = 1e-3
 RUNS_ONCE = "reversible columns: backward through a reversible forward runs once (retain_graph is not supported)"
+NO_DOUBLE_BACKWARD = ("reversible columns: double backward (create_graph=True) is not supported; "
+                      "use reversible=False for gradients of gradients")
 
 
 def clamp_gamma(gamma: Tensor) -> Tensor:
@@ -56,8 +58,8 @@ class Column(nn.Module):
         if prev is None:
             return y
         if y.shape != prev[l].shape:
-            raise ValueError(f"level {l} returned shape {tuple(y.shape)} but its shortcut from the previous "
-                             f"column has shape {tuple(prev[l].shape)}; a level must keep its state's shape")
+            raise ValueError(f"level {l} returned shape {tuple(y.shape)}, but the previous column's level {l} "
+                             f"returned {tuple(prev[l].shape)}: level {l} must return the same shape in every column")
         return torch.addcmul(y, clamp_gamma(self.gammas[l]), prev[l])  # y + gamma * x_prev, one kernel
 
     def forward(self, x0: Tensor, prev: Optional[List[Tensor]], context: Dict) -> List[Tensor]:
@@ -150,6 +152,8 @@ class _ReversibleColumn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
+        if torch.is_grad_enabled():  # autograd enables grad mode in backward only for create_graph=True
+            raise RuntimeError(NO_DOUBLE_BACKWARD)
         column: Column = ctx.column
         L, n_ctx = len(column.levels), len(ctx.context_keys)
         saved = ctx.saved_tensors
@@ -306,6 +310,10 @@ class ReversibleColumns(nn.Module):
 
     def _forward_reversible(self, x0: Tensor, context: Dict) -> List[Tensor]:
         keys = [k for k, v in context.items() if isinstance(v, Tensor)]
+        for k in keys:
+            if context[k].requires_grad:  # it would silently get no gradient
+                raise ValueError(f"keyword argument '{k}' requires grad, but reversible columns give keyword "
+                                 f"arguments no gradient: detach it, or make it a parameter of a level")
         plain = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
         tape: Dict = {}
         states: List[Tensor] = []

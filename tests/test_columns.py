@@ -351,6 +351,28 @@ def test_context_reaches_every_level_in_forward_and_recompute():
     assert not torch.equal(out_half[0], out_one[0])
 
 
+def test_context_that_requires_grad_is_refused_in_reversible_mode():
+    # The reversible backward returns no gradient for keyword arguments: it would be silently missing.
+    model = mix_columns(2).double()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    scale = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="keyword argument 'scale' requires grad, but reversible columns give"):
+        model(x, scale=scale)
+    model.reversible = False
+    weighted_loss(model(x, scale=scale)).backward()
+    assert scale.grad is not None
+
+
+@pytest.mark.parametrize("keep_top_graph", [False, True])
+def test_double_backward_is_refused(keep_top_graph):
+    # create_graph=True would otherwise return first gradients with no graph: a gradient penalty would then fail
+    # far from the cause, or silently contribute nothing.
+    model = mix_columns(2, keep_top_graph=keep_top_graph)
+    x = torch.randn(3, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) is not supported"):
+        torch.autograd.grad(weighted_loss(model(x)), x, create_graph=True)
+
+
 def test_eval_without_grad_runs_plain_and_matches():
     torch.manual_seed(0)
     model = mix_columns(4).eval()
@@ -412,8 +434,8 @@ class Slice(nn.Module):
 def test_level_output_shape_must_match_its_shortcut(reversible):
     levels = [[Slice(3), Slice(3)], [Slice(2), Slice(2)]]  # the second column narrows its states
     model = ReversibleColumns(levels, [(3,), (3,)], reversible=reversible)
-    with pytest.raises(ValueError, match=r"level 0 returned shape \(2, 2\) but its shortcut from the previous "
-                                         r"column has shape \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"level 0 returned shape \(2, 2\), but the previous column's level 0 "
+                                         r"returned \(2, 3\): level 0 must return the same shape in every column"):
         model(torch.randn(2, 5, requires_grad=True))
 
 

@@ -5,6 +5,7 @@ fairseq's argparse route (``add_args`` + architecture functions), which is the r
 ``--encoder-*`` flags for plugin models.
 """
 import argparse
+import math
 from typing import List
 
 from fairseq.models import register_model, register_model_architecture
@@ -47,8 +48,9 @@ def _positive_int(text: str) -> int:
 
 def _gamma(text: str) -> float:
     value = float(text)
-    if abs(value) < GAMMA_MIN:
-        raise argparse.ArgumentTypeError(f"|gamma| must be at least {GAMMA_MIN} for the inverse to work, got {text}")
+    if not math.isfinite(value) or abs(value) < GAMMA_MIN:
+        raise argparse.ArgumentTypeError(f"|gamma| must be finite and at least {GAMMA_MIN} for the inverse to work, "
+                                         f"got {text}")
     return value
 
 
@@ -66,6 +68,8 @@ def check_args(args) -> None:
         raise ValueError(f"--revcol-columns must be at least 1, got {args.revcol_columns}")
     for side in ("encoder", "decoder"):
         dim, heads = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_attention_heads")
+        if heads < 1:
+            raise ValueError(f"--{side}-attention-heads must be at least 1, got {heads}")
         if dim % heads != 0:
             raise ValueError(f"--{side}-embed-dim {dim} is not divisible by --{side}-attention-heads {heads}")
     dim, ffn = args.encoder_embed_dim, args.encoder_ffn_embed_dim

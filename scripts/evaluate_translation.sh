@@ -27,6 +27,10 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
+if [[ ! -d "$DATA_BIN" ]]; then
+    echo "error: data directory $DATA_BIN does not exist" >&2
+    exit 1
+fi
 test_index=$(find "$DATA_BIN" -maxdepth 1 -name 'test.*-*.*.idx' -print -quit)
 if [[ -z "$test_index" ]]; then
     echo "error: $DATA_BIN has no binarized test split (test.<src>-<tgt>.*.idx): run fairseq-preprocess first" >&2
@@ -39,15 +43,21 @@ averaged="$CHECKPOINT_DIR/averaged_last$LAST.pt"
 "$PYTHON" "$REPO/scripts/average_checkpoints.py" "$CHECKPOINT_DIR" --last "$LAST" --output "$averaged"
 
 # --required-batch-size-multiple 1: fairseq-fixed 0.12.3.1 silently drops a last batch smaller than the
-# multiple (8 by default), i.e. up to 7 test sentences.
-"$PYTHON" -m fairseq_cli.generate "$DATA_BIN" --user-dir "$REPO/revcol_fairseq" --path "$averaged" \
-    --gen-subset test --beam 4 --lenpen 0.6 --remove-bpe "$REMOVE_BPE" \
-    --max-tokens "$MAX_TOKENS" --required-batch-size-multiple 1 "$@" > "$CHECKPOINT_DIR/generate-test.txt"
-tail -n 1 "$CHECKPOINT_DIR/generate-test.txt"
+# multiple (8 by default), i.e. up to 7 test sentences. The output replaces an earlier one only when complete.
+output="$CHECKPOINT_DIR/generate-test.txt"
+if ! "$PYTHON" -m fairseq_cli.generate "$DATA_BIN" --user-dir "$REPO/revcol_fairseq" --path "$averaged" \
+        --gen-subset test --beam 4 --lenpen 0.6 --remove-bpe "$REMOVE_BPE" \
+        --max-tokens "$MAX_TOKENS" --required-batch-size-multiple 1 "$@" > "$output.tmp"; then
+    rm -f "$output.tmp"
+    echo "error: fairseq-generate failed (above); $output is unchanged" >&2
+    exit 1
+fi
+mv "$output.tmp" "$output"
+tail -n 1 "$output"
 
 raw_reference=()
 if [[ -f "$DATA_BIN/test.raw.$target_lang" ]]; then
     raw_reference=(--raw-ref "$DATA_BIN/test.raw.$target_lang")
 fi
-"$PYTHON" "$REPO/scripts/score_translations.py" "$CHECKPOINT_DIR/generate-test.txt" --lang "$target_lang" \
+"$PYTHON" "$REPO/scripts/score_translations.py" "$output" --lang "$target_lang" \
     --json "$CHECKPOINT_DIR/bleu.json" "${raw_reference[@]}"

@@ -22,16 +22,26 @@ from sacremoses import MosesDetokenizer
 COMPOUND_HYPHEN = re.compile(r"(\S)-(\S)")
 
 
+def read_lines(path: str):
+    """The lines of a UTF-8 text file; a file that cannot be read stops the script with one line saying why."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f]
+    except UnicodeDecodeError:
+        sys.exit(f"error: {path} is not UTF-8 text")
+    except OSError as e:
+        sys.exit(f"error: cannot read {path}: {e.strerror}")
+
+
 def read_generate_output(path: str):
     """Returns (hypotheses, references) in test-set order from fairseq-generate's ``H-id`` and ``T-id`` lines."""
     hypotheses, references = {}, {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            fields = line.rstrip("\n").split("\t")
-            if line.startswith("H-"):
-                hypotheses[int(fields[0][2:])] = fields[2] if len(fields) > 2 else ""
-            elif line.startswith("T-"):
-                references[int(fields[0][2:])] = fields[1] if len(fields) > 1 else ""
+    for line in read_lines(path):
+        fields = line.split("\t")
+        if line.startswith("H-"):
+            hypotheses[int(fields[0][2:])] = fields[2] if len(fields) > 2 else ""
+        elif line.startswith("T-"):
+            references[int(fields[0][2:])] = fields[1] if len(fields) > 1 else ""
     if not hypotheses:
         sys.exit(f"error: {path} holds no fairseq-generate hypotheses (H- lines)")
     ids = sorted(hypotheses)
@@ -39,7 +49,10 @@ def read_generate_output(path: str):
         missing = sorted(set(range(max(ids) + 1)) - set(ids))
         sys.exit(f"error: {path} lacks hypotheses for sentence ids {missing[:10]}: was generation cut short "
                  f"or run without --required-batch-size-multiple 1?")
-    return [hypotheses[i] for i in ids], [references.get(i, "") for i in ids]
+    missing = [i for i in ids if i not in references]
+    if missing:
+        sys.exit(f"error: {path} lacks references (T- lines) for sentence ids {missing[:10]}")
+    return [hypotheses[i] for i in ids], [references[i] for i in ids]
 
 
 def split_compounds(line: str) -> str:
@@ -54,12 +67,7 @@ def tokenized_bleu(hypotheses, references) -> sacrebleu.BLEU:
     return sacrebleu.corpus_bleu(split_hyps, [split_refs], tokenize="none", force=True)
 
 
-def detokenized_sacrebleu(hypotheses, raw_ref_path: str, lang: str):
-    with open(raw_ref_path, encoding="utf-8") as f:
-        raw_references = [line.rstrip("\n") for line in f]
-    if len(raw_references) != len(hypotheses):
-        sys.exit(f"error: {raw_ref_path} has {len(raw_references)} lines but there are {len(hypotheses)} "
-                 f"hypotheses")
+def detokenized_sacrebleu(hypotheses, raw_references, lang: str):
     detokenizer = MosesDetokenizer(lang)
     detokenized = [detokenizer.detokenize(h.split()) for h in hypotheses]
     metric = sacrebleu.BLEU()
@@ -74,8 +82,14 @@ def main():
     parser.add_argument("--lang", default="en", help="target language for the Moses detokenizer")
     parser.add_argument("--json", help="also write the scores to this JSON file")
     args = parser.parse_args()
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        sys.exit(f"error: the folder of --json {args.json} does not exist")
 
+    # Every input is read and checked before anything is written.
     hypotheses, references = read_generate_output(args.generate_output)
+    raw_references = read_lines(args.raw_ref) if args.raw_ref else None
+    if raw_references is not None and len(raw_references) != len(hypotheses):
+        sys.exit(f"error: {args.raw_ref} has {len(raw_references)} lines but there are {len(hypotheses)} hypotheses")
     for suffix, lines in (("hyp", hypotheses), ("ref", references)):
         with open(f"{args.generate_output}.{suffix}.tmp", "w", encoding="utf-8") as f:
             f.writelines(line + "\n" for line in lines)
@@ -84,8 +98,8 @@ def main():
     bleu = tokenized_bleu(hypotheses, references)
     scores = {"sentences": len(hypotheses), "tokenized_bleu": round(bleu.score, 2)}
     print(f"tokenized compound-split BLEU = {bleu.score:.2f} ({bleu})")
-    if args.raw_ref:
-        detok_bleu, signature = detokenized_sacrebleu(hypotheses, args.raw_ref, args.lang)
+    if raw_references is not None:
+        detok_bleu, signature = detokenized_sacrebleu(hypotheses, raw_references, args.lang)
         scores.update(sacrebleu=round(detok_bleu.score, 2), sacrebleu_signature=str(signature))
         print(f"detokenized sacreBLEU = {detok_bleu.score:.2f} ({detok_bleu}) signature: {signature}")
     if args.json:

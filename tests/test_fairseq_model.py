@@ -210,7 +210,9 @@ def test_paper_configuration_matches_the_papers_parameter_count():
     (["--revcol-blocks", "3"], "argument --revcol-blocks: --revcol-blocks needs at least 2 levels"),
     (["--revcol-blocks", "1,0"], "argument --revcol-blocks: --revcol-blocks needs at least 2 levels"),
     (["--revcol-columns", "0"], "argument --revcol-columns: must be an integer >= 1, got '0'"),
-    (["--revcol-gamma-init", "0"], "argument --revcol-gamma-init: |gamma| must be at least 0.001"),
+    (["--revcol-gamma-init", "0"], "argument --revcol-gamma-init: |gamma| must be finite and at least 0.001"),
+    (["--revcol-gamma-init", "nan"], "argument --revcol-gamma-init: |gamma| must be finite and at least 0.001"),
+    (["--revcol-gamma-init", "inf"], "argument --revcol-gamma-init: |gamma| must be finite and at least 0.001"),
     (["--revcol-drop-path", "1.5"], "argument --revcol-drop-path: must be in [0, 1), got 1.5"),
     (["--revcol-colums", "3"], "unrecognized arguments: --revcol-colums 3"),
 ])
@@ -225,6 +227,7 @@ def test_bad_revcol_flag_is_one_argparse_error(flags, message, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--encoder-embed-dim", "66"], "--encoder-embed-dim 66 is not divisible by --encoder-attention-heads 4"),
     (["--decoder-attention-heads", "5"], "--decoder-embed-dim 64 is not divisible by --decoder-attention-heads 5"),
+    (["--encoder-attention-heads", "0"], "--encoder-attention-heads must be at least 1, got 0"),
     (["--encoder-embed-dim", "28", "--encoder-ffn-embed-dim", "61"],
      "--encoder-ffn-embed-dim 61 is lost to rounding in the columns' MLP ratio 61/28"),
 ])

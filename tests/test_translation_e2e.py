@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -107,6 +108,20 @@ def test_average_checkpoints_names_a_damaged_checkpoint_and_writes_nothing(demo,
     assert not list(tmp_path.glob("averaged.pt*"))
 
 
+def test_evaluation_that_fails_keeps_the_earlier_output(demo, tmp_path):
+    work, _ = demo
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(work / "checkpoints", checkpoints)
+    before = (checkpoints / "generate-test.txt").read_bytes()
+    result = run(["bash", "scripts/evaluate_translation.sh", str(work / "data-bin"), str(checkpoints), "--cpu",
+                  "--no-such-flag"], LAST="1")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: fairseq-generate failed (above); {checkpoints}/generate-test.txt is unchanged"
+    assert (checkpoints / "generate-test.txt").read_bytes() == before
+    assert not list(checkpoints.glob("*.tmp"))
+
+
 def test_interactive_translates_like_generate(demo):
     work, _ = demo
     with open(work / "raw" / "test.src") as f:
@@ -146,6 +161,34 @@ def test_score_translations_orders_splits_compounds_and_rejects_gaps(tmp_path, m
     generate_output.write_text("H-0\t-0.1\tein Satz\nH-2\t-0.1\tnoch einer\n")
     result = run([sys.executable, "scripts/score_translations.py", str(generate_output)])
     assert result.returncode != 0 and "lacks hypotheses for sentence ids [1]" in result.stderr
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no references", "{output} lacks references (T- lines) for sentence ids [0, 1]"),  # not BLEU 0 against ""
+    ("missing output", "cannot read {output}: No such file or directory"),
+    ("not UTF-8", "{output} is not UTF-8 text"),
+    ("short raw reference", "{raw} has 1 lines but there are 2 hypotheses"),
+    ("missing raw reference", "cannot read {raw}: No such file or directory"),
+    ("json in a missing folder", "the folder of --json {tmp}/no/bleu.json does not exist"),
+])
+def test_score_translations_bad_input_is_one_line_and_writes_nothing(tmp_path, case, message):
+    output, raw = tmp_path / "generate-test.txt", tmp_path / "test.raw.de"
+    lines = "S-0\tsrc\nT-0\tein Satz .\nH-0\t-0.1\tein Satz .\nS-1\tsrc\nT-1\tnoch einer\nH-1\t-0.2\tnoch einer\n"
+    if case == "no references":
+        lines = "".join(line + "\n" for line in lines.splitlines() if not line.startswith("T-"))
+    if case != "missing output":
+        output.write_bytes(b"H-0\t-0.1\t\xff\n" if case == "not UTF-8" else lines.encode())
+    raw.write_text("ein Satz.\n" if case == "short raw reference" else "ein Satz.\nnoch einer\n")
+    if case == "missing raw reference":
+        raw.unlink()
+    json_path = tmp_path / "no" / "bleu.json" if case == "json in a missing folder" else tmp_path / "bleu.json"
+    result = run([sys.executable, "scripts/score_translations.py", str(output), "--raw-ref", str(raw), "--lang", "de",
+                  "--json", str(json_path)])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: " + message.format(output=output, raw=raw, tmp=tmp_path)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (output, raw) if p.exists())  # no .hyp, .ref or JSON written
 
 
 # WMT data preparation, on miniature corpora laid out like the extracted downloads.

@@ -40,7 +40,7 @@ echo "== 3/5 fairseq-preprocess"
 rm -rf "$WORK/data-bin"
 "$PYTHON" -m fairseq_cli.preprocess --source-lang src --target-lang tgt --trainpref "$WORK/bpe/train" \
     --validpref "$WORK/bpe/valid" --testpref "$WORK/bpe/test" --destdir "$WORK/data-bin" \
-    --joined-dictionary --workers 1 > "$WORK/preprocess.log"
+    --joined-dictionary --workers 1  # logs to the console and to data-bin/preprocess.log
 cp "$WORK/raw/test.tgt" "$WORK/data-bin/test.raw.tgt"  # the untokenized reference, for detokenized sacreBLEU
 
 echo "== 4/5 fairseq-train revcol_transformer_tiny, $MAX_UPDATE updates"

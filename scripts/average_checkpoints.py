@@ -68,6 +68,8 @@ def main():
     args = parser.parse_args()
     if args.last < 1:
         sys.exit(f"error: --last must be at least 1, got {args.last}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        sys.exit(f"error: the folder of --output {args.output} does not exist")
 
     paths = last_checkpoints(args.checkpoint_dir, args.last)
     print("averaging " + " ".join(os.path.basename(p) for p in paths))

@@ -46,6 +46,7 @@ CHECKPOINT_NAME = "checkpoint.pth"
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "ema", "step", "epoch", "args", "model_kwargs",
                    "classes", "history", "rng")  # what train() writes, and validate() and --resume read
 LOG_NAME = "log.csv"
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)  # data loading processes per rank
 IMAGE_EXTENSIONS = get_img_extensions(as_set=True)  # what timm's folder reader loads
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 MODEL_KWARGS = ("embed_dim", "num_heads", "patch_size", "columns", "depths", "reversible")
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--crop-pct", type=float, help="eval: resize to img_size / crop_pct, center crop")
 
     r = p.add_argument_group("runtime")
-    r.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    r.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help="data loading processes per rank (default: 8, or fewer CPU cores)")
     r.add_argument("--device", help="default: cuda (this rank's GPU) if available, else cpu")
     r.add_argument("--compile", action="store_true",

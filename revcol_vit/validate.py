@@ -7,12 +7,12 @@ The model is rebuilt with the sizes stored in the checkpoint; the eval transform
 is the one the run trained with.
 """
 import argparse
-import os
 from typing import Dict, List, Optional
 
 from .config import UsageError
 from .train import (
     AMP_DTYPES,
+    DEFAULT_WORKERS,
     build_eval_loader,
     create_model,
     evaluate,
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     return p

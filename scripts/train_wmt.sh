@@ -45,6 +45,13 @@ if [[ $TASK == en-de ]]; then
 else
     ARCH=revcol_transformer_wmt_en_fr BATCH_TOKENS=86016 MAX_UPDATE=200000 LR=7e-4
 fi
+# fairseq-train would fail on missing data with a traceback in every one of its GPU processes.
+for file in dict.en.txt "dict.${TASK#en-}.txt" "train.$TASK.en.idx" "valid.$TASK.en.idx"; do
+    if [[ ! -f "$DATA_BIN/$file" ]]; then
+        echo "error: $DATA_BIN/$file does not exist: binarize the data first (scripts/prepare_wmt.py, docs/translation.md)" >&2
+        exit 1
+    fi
+done
 TOKENS_PER_GPU_LIMIT=3584
 UPDATE_FREQ=$(( (BATCH_TOKENS + GPUS * TOKENS_PER_GPU_LIMIT - 1) / (GPUS * TOKENS_PER_GPU_LIMIT) ))
 MAX_TOKENS=$(( BATCH_TOKENS / (GPUS * UPDATE_FREQ) ))

@@ -297,15 +297,25 @@ def test_prepare_wmt_names_the_missing_download(tmp_path, dataset, missing, url)
 # WMT training recipe: the paper's batch for 1 to 8 GPUs, and flags fairseq accepts.
 
 
+def binarized_names(data_bin, task):
+    """The files of fairseq-preprocess --joined-dictionary that train_wmt.sh checks for, empty."""
+    data_bin.mkdir()
+    target = task.split("-")[1]
+    for name in ["dict.en.txt", f"dict.{target}.txt", f"train.{task}.en.idx", f"valid.{task}.en.idx"]:
+        (data_bin / name).touch()
+    return str(data_bin)
+
+
 @pytest.mark.parametrize("task, batch_tokens, arch, lr, dropout, max_update", [
     ("en-de", 28672, "revcol_transformer", 5e-4, 0.3, 300000),
     ("en-fr", 86016, "revcol_transformer_wmt_en_fr", 7e-4, 0.1, 200000),
 ])
-def test_train_recipe_reaches_paper_batch_for_1_to_8_gpus(task, batch_tokens, arch, lr, dropout, max_update):
+def test_train_recipe_reaches_paper_batch_for_1_to_8_gpus(tmp_path, task, batch_tokens, arch, lr, dropout, max_update):
     from fairseq import options
 
+    data_bin = binarized_names(tmp_path / "data-bin", task)
     for gpus in range(1, 9):
-        result = check(["bash", "scripts/train_wmt.sh", task, "data-bin/x", "checkpoints/x"],
+        result = check(["bash", "scripts/train_wmt.sh", task, data_bin, str(tmp_path / "checkpoints")],
                        GPUS=str(gpus), DRY_RUN="1")
         argv = shlex.split(result.stdout.splitlines()[-1])
         argv = argv[argv.index("fairseq_cli.train") + 1:]
@@ -318,6 +328,22 @@ def test_train_recipe_reaches_paper_batch_for_1_to_8_gpus(task, batch_tokens, ar
         assert args.adam_betas == "(0.9, 0.98)" and args.label_smoothing == 0.1 and args.clip_norm == 0.0
 
 
-def test_train_recipe_rejects_bad_gpu_count():
-    result = run(["bash", "scripts/train_wmt.sh", "en-de", "data-bin/x", "checkpoints/x"], GPUS="16", DRY_RUN="1")
+def test_train_recipe_rejects_bad_gpu_count(tmp_path):
+    data_bin = binarized_names(tmp_path / "data-bin", "en-de")
+    result = run(["bash", "scripts/train_wmt.sh", "en-de", data_bin, str(tmp_path / "checkpoints")],
+                 GPUS="16", DRY_RUN="1")
     assert result.returncode != 0 and "GPUS must be 1 to 8" in result.stderr
+
+
+@pytest.mark.parametrize("missing", ["", "dict.fr.txt", "valid.en-fr.en.idx"])
+def test_train_recipe_names_missing_data(tmp_path, missing):
+    data_bin = binarized_names(tmp_path / "data-bin", "en-fr")
+    if missing:
+        (tmp_path / "data-bin" / missing).unlink()
+    else:
+        shutil.rmtree(data_bin)
+    result = run(["bash", "scripts/train_wmt.sh", "en-fr", data_bin, str(tmp_path / "checkpoints")], GPUS="1")
+    error = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(error) == 1, result.stderr
+    assert f"{data_bin}/{missing or 'dict.en.txt'} does not exist" in error[0]
+    assert not (tmp_path / "checkpoints").exists()

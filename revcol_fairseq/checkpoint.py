@@ -1,19 +1,26 @@
-"""Safe loading of fairseq checkpoints under torch >= 2.6.
+"""fairseq checkpoints: safe loading under torch >= 2.6, and no half-written copies.
 
-torch.load defaults to ``weights_only=True``: it unpickles only tensors, containers, numbers and strings
-plus the globals registered with ``torch.serialization.add_safe_globals``, and refuses everything else
+Safe loading. torch.load defaults to ``weights_only=True``: it unpickles only tensors, containers, numbers and
+strings plus the globals registered with ``torch.serialization.add_safe_globals``, and refuses everything else
 (so a checkpoint cannot run code when opened). fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` calls
 torch.load without arguments, so it gets that default, and a checkpoint that fairseq-train writes for an
 argparse-configured model such as ours holds one global outside it: the ``argparse.Namespace`` of the
 training flags (under ``cfg["model"]`` and ``args``). Found by saving real fairseq-train checkpoints and
-listing their pickled globals; see tests/test_fairseq_model.py.
+listing their pickled globals; see tests/test_fairseq_model.py. Allowing it is safe: the restricted unpickler
+rebuilds a Namespace by setting attributes from values that are themselves restricted, and Namespace runs no
+code of its own. Safe loading otherwise stays on.
 
-Allowing it is safe: the restricted unpickler rebuilds a Namespace by setting attributes from values that
-are themselves restricted, and Namespace runs no code of its own. Safe loading otherwise stays on.
+Atomic copies. fairseq-train writes the first checkpoint of a save atomically (a temporary file, then a
+rename), but makes the others (checkpoint_last.pt, checkpoint_best.pt) with ``PathManager.copy``, which writes
+in place: a job killed during that copy leaves a truncated checkpoint_last.pt, and the resume fails on it.
 """
 import argparse
+import os
+import shutil
 
 import torch
+from fairseq import checkpoint_utils
+from fairseq.file_io import PathManager
 
 CHECKPOINT_GLOBALS = [argparse.Namespace]
 
@@ -21,3 +28,26 @@ CHECKPOINT_GLOBALS = [argparse.Namespace]
 def allow_fairseq_checkpoint_globals() -> None:
     """Let ``torch.load(weights_only=True)`` (fairseq's load path) rebuild the globals our checkpoints hold."""
     torch.serialization.add_safe_globals(CHECKPOINT_GLOBALS)
+
+
+class AtomicCopyPathManager(PathManager):
+    """fairseq's PathManager, except that a local copy goes to a temporary file renamed into place."""
+
+    @staticmethod
+    def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+        if not PathManager.supports_rename(dst_path):  # remote storage through iopath: fairseq's own copy
+            return PathManager.copy(src_path, dst_path, overwrite)
+        partial = f"{dst_path}.partial"
+        try:
+            shutil.copyfile(src_path, partial)
+            os.replace(partial, dst_path)
+        except BaseException:
+            if os.path.exists(partial):
+                os.remove(partial)
+            raise
+        return True
+
+
+def copy_checkpoints_atomically() -> None:
+    """Make fairseq's checkpoint saving copy checkpoint_last.pt and checkpoint_best.pt atomically."""
+    checkpoint_utils.PathManager = AtomicCopyPathManager

@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -300,9 +301,35 @@ def trained(tmp_path_factory):
     write_reversal_corpus(workdir)
     fairseq_cli("preprocess", "--source-lang", "src", "--target-lang", "tgt", "--trainpref", "train",
                 "--validpref", "valid", "--destdir", "data-bin", "--joined-dictionary", "--workers", "1", cwd=workdir)
+    # --save-interval-updates: fairseq writes checkpoint_<epoch>_3.pt and _6.pt, and copies them to checkpoint_last.pt
     _, output = fairseq_cli("train", "data-bin", *TRAIN_FLAGS, "--max-update", "6", "--save-dir", "uninterrupted",
-                            cwd=workdir)
+                            "--save-interval-updates", "3", cwd=workdir)
     return workdir, workdir / "data-bin", workdir / "uninterrupted", logged_losses(output)
+
+
+def test_fairseq_train_copies_checkpoint_last_whole(trained):
+    _, _, checkpoints, _ = trained
+    assert sorted(os.listdir(checkpoints)) == ["checkpoint_1_3.pt", "checkpoint_2_6.pt", "checkpoint_last.pt"]
+    assert (checkpoints / "checkpoint_last.pt").read_bytes() == (checkpoints / "checkpoint_2_6.pt").read_bytes()
+
+
+def test_checkpoint_copy_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    new, last = tmp_path / "checkpoint_1_4000.pt", tmp_path / "checkpoint_last.pt"
+    new.write_bytes(b"new checkpoint " * 1000)
+    last.write_bytes(b"old checkpoint")
+
+    def copy_half_then_die(src, dst):
+        Path(dst).write_bytes(Path(src).read_bytes()[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfile", copy_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_utils.PathManager.copy(str(new), str(last), overwrite=True)
+    assert last.read_bytes() == b"old checkpoint"
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_1_4000.pt", "checkpoint_last.pt"]
+    monkeypatch.undo()
+    assert checkpoint_utils.PathManager.copy(str(new), str(last), overwrite=True)
+    assert last.read_bytes() == new.read_bytes()
 
 
 def test_fairseq_train_checkpoint_holds_no_global_beyond_the_allowlist(trained):

@@ -60,7 +60,12 @@ class Column(nn.Module):
         if y.shape != prev[l].shape:
             raise ValueError(f"level {l} returned shape {tuple(y.shape)}, but the previous column's level {l} "
                              f"returned {tuple(prev[l].shape)}: level {l} must return the same shape in every column")
-        return torch.addcmul(y, clamp_gamma(self.gammas[l]), prev[l])  # y + gamma * x_prev, one kernel
+        gamma = self.gammas[l]
+        if not _broadcasts_to(gamma.shape, y.shape):
+            raise ValueError(f"gamma of level {l} has shape {tuple(gamma.shape)}, which does not broadcast to the "
+                             f"level's state {tuple(y.shape)}: gamma_shapes[{l}] is (C,) for channels-last states, "
+                             f"(C, 1, 1) for NCHW maps")
+        return torch.addcmul(y, clamp_gamma(gamma), prev[l])  # y + gamma * x_prev, one kernel
 
     def forward(self, x0: Tensor, prev: Optional[List[Tensor]], context: Dict) -> List[Tensor]:
         states: List[Tensor] = []
@@ -231,6 +236,13 @@ class _ReversibleColumn(torch.autograd.Function):
             prev_grads = [None if g is None else g.new_zeros(()).expand(g.shape) for g in prev_grads]
         return (None,) * 7 + (grad_x0,) + (None,) * n_ctx + (tuple(prev_grads) if prev is not None else ()) \
             + tuple(param_grads)
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
 
 
 def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:

@@ -1,5 +1,6 @@
 """The reversible column core: exact gradients, reconstruction, flat memory, RNG replay, autocast, errors."""
 import copy
+import re
 
 import pytest
 import torch
@@ -436,6 +437,16 @@ def test_level_output_shape_must_match_its_shortcut(reversible):
     model = ReversibleColumns(levels, [(3,), (3,)], reversible=reversible)
     with pytest.raises(ValueError, match=r"level 0 returned shape \(2, 2\), but the previous column's level 0 "
                                          r"returned \(2, 3\): level 0 must return the same shape in every column"):
+        model(torch.randn(2, 5, requires_grad=True))
+
+
+@pytest.mark.parametrize("gamma_shape", [(5, 1, 1), (1, 2, 5)])  # NCHW gamma on tokens; a dim too many
+def test_gamma_shape_must_broadcast_to_the_state(gamma_shape):
+    levels = [[Slice(5), Slice(5)], [Slice(5), Slice(5)]]
+    model = ReversibleColumns(levels, [gamma_shape, gamma_shape])
+    message = (rf"gamma of level 0 has shape {re.escape(str(gamma_shape))}, which does not broadcast to the level's "
+               r"state \(2, 5\): gamma_shapes\[0\] is \(C,\) for channels-last states")
+    with pytest.raises(ValueError, match=message):
         model(torch.randn(2, 5, requires_grad=True))
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import revcol.columns
 from revcol import PeakBytes, ReversibleColumns, clamp_gamma, count_saved_bytes, isotropic_columns
 from revcol.memory import note_kept_for_backward
 
@@ -39,6 +40,19 @@ def mix_columns(num_columns, dropout=0.0, gamma_init=0.5, reversible=True, stem_
         columns.append(levels)
     return ReversibleColumns(columns, [(w,) for w in WIDTHS], gamma_init=gamma_init, reversible=reversible,
                              keep_top_graph=keep_top_graph)
+
+
+def vary_gammas_(model, seed=0):
+    """Per-channel gammas of both signs, 0.3 <= |gamma| <= 1.5, instead of one constant: the inverse divides by
+    each channel's own gamma, which a constant gamma cannot tell from a wrong one."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gammas" in name:
+                magnitude = 0.3 + 1.2 * torch.rand(p.shape, generator=generator, dtype=p.dtype)
+                sign = torch.randint(0, 2, p.shape, generator=generator).to(p.dtype) * 2 - 1
+                p.copy_(magnitude * sign)
+    return model
 
 
 def weighted_loss(states):
@@ -77,7 +91,7 @@ def assert_same_grads(model, x, tol, **context):
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_float64_gradients_equal_plain_autograd(dropout, keep_top_graph):
     torch.manual_seed(0)
-    model = mix_columns(4, dropout=dropout, keep_top_graph=keep_top_graph).double()
+    model = vary_gammas_(mix_columns(4, dropout=dropout, keep_top_graph=keep_top_graph).double())
     assert_same_grads(model, torch.randn(3, 5, dtype=torch.float64), 1e-10)
 
 
@@ -86,6 +100,7 @@ def test_float64_isotropic_levels_with_dropout_drop_path_and_padding_mask(keep_t
     torch.manual_seed(0)
     model = isotropic_columns(16, [1, 2, 1, 1], 3, 4, drop_path_rate=0.3, dropout=0.1, attn_dropout=0.1,
                               keep_top_graph=keep_top_graph).double()
+    vary_gammas_(model)
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[1, 4:] = True
     assert_same_grads(model, torch.randn(2, 6, 16, dtype=torch.float64), 1e-10, key_padding_mask=mask)
@@ -136,6 +151,20 @@ def test_dropout_actually_fires_and_is_replayed():
     out_b, _, _ = grads_of(model, x, True, seed=2)
     assert not torch.equal(out_a[0], out_b[0]), "dropout must be active in training mode"
     assert_same_grads(model, x, 1e-10)
+
+
+@pytest.mark.parametrize("keep_top_graph", [False, True])
+def test_a_reversible_step_leaves_the_generator_where_plain_autograd_does(keep_top_graph):
+    # The recompute replays the forward's masks on a fork of the generator: whatever draws come after the step
+    # (the next step's masks, data shuffling) must not depend on the mode.
+    torch.manual_seed(0)
+    model = mix_columns(3, dropout=0.5, keep_top_graph=keep_top_graph).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    after = []
+    for reversible in (True, False):
+        grads_of(model, x, reversible, seed=1)
+        after.append(torch.get_rng_state())
+    assert torch.equal(*after)
 
 
 def test_negative_and_tiny_gammas_are_clamped_keeping_sign():
@@ -374,15 +403,17 @@ def test_double_backward_is_refused(keep_top_graph):
         torch.autograd.grad(weighted_loss(model(x)), x, create_graph=True)
 
 
-def test_eval_without_grad_runs_plain_and_matches():
+def test_eval_without_grad_runs_plain_and_matches(monkeypatch):
+    # Without grad there is no backward to rebuild for: no RNG capture, no tape, no kept outputs.
     torch.manual_seed(0)
-    model = mix_columns(4).eval()
+    model = mix_columns(4, reversible=False).eval()
     x = torch.randn(3, 5)
+    expected = model(x)
+    model.reversible = True
+    monkeypatch.setattr(revcol.columns._ReversibleColumn, "apply", None)  # calling it would raise
     with torch.no_grad():
-        a = model(x)
-    model.reversible = False
-    b = model(x)
-    assert all(torch.equal(p, q) for p, q in zip(a, b))
+        got = model(x)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 def test_cpu_bf16_autocast_is_finite_and_costs_no_accuracy_beyond_bf16_itself():
@@ -413,6 +444,7 @@ def test_cpu_bf16_autocast_is_finite_and_costs_no_accuracy_beyond_bf16_itself():
     (lambda: ReversibleColumns([[nn.Identity()] * 2, [nn.Identity()] * 3], [(4,)] * 2), "column 1 has 3 levels"),
     (lambda: ReversibleColumns([[nn.Identity()] * 2], [(4,)]), "1 gamma shapes for 2 levels"),
     (lambda: ReversibleColumns([[nn.Identity()] * 2], [(4,)] * 2, gamma_init=0.0), "below the clamp"),
+    (lambda: ReversibleColumns([[nn.Identity()] * 2], [(4,)] * 2, gamma_init=-9e-4), "-0.0009 is below the clamp"),
     (lambda: isotropic_columns(30, [1, 1], 2, 4), "not divisible by num_heads"),
     (lambda: isotropic_columns(32, [1], 2, 4), "at least 2 levels"),
     (lambda: isotropic_columns(32, [1, 1], 0, 4), "at least 1 column"),

@@ -1,10 +1,11 @@
-"""The isotropic level's building blocks against their textbook formulas."""
+"""The isotropic level's building blocks against their textbook formulas, and its initialization."""
 import math
 
 import torch
 import torch.nn.functional as F
 
-from revcol.isotropic import CosineAttention
+from revcol import isotropic_columns
+from revcol.isotropic import CosineAttention, DropPath
 
 
 def reference_cosine_attention(attn: CosineAttention, x, key_padding_mask):
@@ -47,3 +48,27 @@ def test_half_precision_zero_vectors_stay_finite():
     assert torch.isfinite(out).all()
     assert torch.allclose(out[0, :2].float(), reference_cosine_attention(attn.float(), x.float(),
                           torch.tensor([[False, False, True, True]]))[0, :2], atol=2e-3)
+
+
+def test_drop_path_zeroes_whole_samples_and_rescales_the_kept_ones():
+    torch.manual_seed(0)
+    drop = DropPath(0.25)
+    x = torch.rand(4000, 3, 5) + 1.0  # no zeros of its own
+    y = drop(x)
+    kept = (y != 0).flatten(1)
+    assert (kept.all(1) | ~kept.any(1)).all(), "a sample is dropped or kept whole"
+    kept = kept.all(1)
+    assert torch.allclose(y[kept], x[kept] / 0.75)  # so that the expected value is x
+    assert abs(kept.float().mean().item() - 0.75) < 0.03
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_ffn_output_projections_are_scaled_down_by_depth_through_each_column():
+    # BEiT init: fc2 of the i-th block of a column (counted through its levels) starts at std 0.02 / sqrt(2 i).
+    torch.manual_seed(0)
+    model = isotropic_columns(256, [2, 1], 2, 4, mlp_ratio=4.0)
+    for column in model.columns:
+        blocks = [block for level in column.levels for block in level.blocks]
+        stds = [block.mlp.fc2.weight.std().item() for block in blocks]
+        for i, std in enumerate(stds, start=1):
+            assert abs(std / (0.02 / math.sqrt(2 * i)) - 1) < 0.05, (i, stds)

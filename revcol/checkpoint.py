@@ -1,7 +1,7 @@
-"""Safe checkpoint loading, with one clear error for each way a file can be wrong."""
+"""Checkpoints: safe loading with one clear error for each way a file can be wrong, and atomic writes."""
 import os
 import pickle
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -30,3 +30,16 @@ def load_plain_checkpoint(path: str) -> Any:
             raise ValueError(f"checkpoint {path} holds more than plain data and is refused ({refusal[:160]})") from None
         raise ValueError(f"checkpoint {path} cannot be read: truncated, or not a torch checkpoint "
                          f"({type(e).__name__})") from None
+
+
+def write_atomically(write: Callable[[str], Any], path: str) -> None:
+    """``write(tmp_path)``, then rename over ``path``: a crash or a kill never leaves a half-written file at
+    ``path``, which keeps what it held before. A write that fails removes its temporary file."""
+    tmp = f"{path}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

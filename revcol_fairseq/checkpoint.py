@@ -15,12 +15,13 @@ rename), but makes the others (checkpoint_last.pt, checkpoint_best.pt) with ``Pa
 in place: a job killed during that copy leaves a truncated checkpoint_last.pt, and the resume fails on it.
 """
 import argparse
-import os
 import shutil
 
 import torch
 from fairseq import checkpoint_utils
 from fairseq.file_io import PathManager
+
+from revcol import write_atomically
 
 CHECKPOINT_GLOBALS = [argparse.Namespace]
 
@@ -37,14 +38,7 @@ class AtomicCopyPathManager(PathManager):
     def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
         if not PathManager.supports_rename(dst_path):  # remote storage through iopath: fairseq's own copy
             return PathManager.copy(src_path, dst_path, overwrite)
-        partial = f"{dst_path}.partial"
-        try:
-            shutil.copyfile(src_path, partial)
-            os.replace(partial, dst_path)
-        except BaseException:
-            if os.path.exists(partial):
-                os.remove(partial)
-            raise
+        write_atomically(lambda tmp: shutil.copyfile(src_path, tmp), dst_path)
         return True
 
 

@@ -18,7 +18,7 @@ import matplotlib
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from revcol import PeakBytes
+from revcol import PeakBytes, write_atomically
 
 from .config import UsageError
 from .revcol_vit import VARIANTS
@@ -31,7 +31,6 @@ from .train import (
     model_kwargs,
     parse_args,
     run_cli,
-    save_atomic,
     setup_distributed,
     train,
     write_csv,
@@ -116,7 +115,7 @@ def plot(rows: List[Dict[str, Any]], title: str, path: str) -> None:
     table_ax.text(0.5, 0.0, f"* training memory: {rows[0]['memory_kind']}", ha="center", va="bottom",
                   transform=table_ax.transAxes, fontsize=9)
     fig.tight_layout()
-    save_atomic(lambda tmp: fig.savefig(tmp, format="png", dpi=120), path)
+    write_atomically(lambda tmp: fig.savefig(tmp, format="png", dpi=120), path)
     plt.close(fig)
 
 

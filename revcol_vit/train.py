@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from revcol import load_plain_checkpoint
+from revcol import load_plain_checkpoint, write_atomically
 
 from .config import IMAGENET_1K, UsageError, load_yaml_recipe
 
@@ -275,13 +275,6 @@ def all_rng_states(d: Dist) -> List[Dict[str, Any]]:
 
 # --- checkpoints and logs -------------------------------------------------------------------------------------------
 
-def save_atomic(write, path: str) -> None:
-    """``write(tmp_path)``, then rename over ``path``: a crash never leaves a half-written file at ``path``."""
-    tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_csv(rows: List[Dict[str, Any]], path: str) -> None:
     fields = list(dict.fromkeys(key for row in rows for key in row))
 
@@ -291,7 +284,7 @@ def write_csv(rows: List[Dict[str, Any]], path: str) -> None:
             writer.writeheader()
             writer.writerows(rows)
 
-    save_atomic(write, path)
+    write_atomically(write, path)
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
@@ -519,7 +512,7 @@ def train(args) -> List[Dict[str, Any]]:
         if d.is_main:
             state = dict(t.state_dict(), epoch=epoch + 1, args=vars(args), model_kwargs=kwargs, classes=classes,
                          history=history, rng=rng)
-            save_atomic(lambda tmp: torch.save(state, tmp), checkpoint)
+            write_atomically(lambda tmp: torch.save(state, tmp), checkpoint)
             write_csv(history, os.path.join(args.output, LOG_NAME))
             for key in ("val_loss", "val_top1", "val_top5", "ema_top1", "ema_top5"):
                 if key in row:

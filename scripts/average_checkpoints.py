@@ -17,7 +17,7 @@ import sys
 import torch
 
 import revcol_fairseq  # noqa: F401  (registers the safe-loading allowlist for fairseq checkpoints)
-from revcol import load_plain_checkpoint
+from revcol import load_plain_checkpoint, write_atomically
 
 UPDATE_CHECKPOINT = re.compile(r"checkpoint_\d+_(\d+)\.pt")
 
@@ -74,8 +74,7 @@ def main():
     paths = last_checkpoints(args.checkpoint_dir, args.last)
     print("averaging " + " ".join(os.path.basename(p) for p in paths))
     averaged = average_checkpoints(paths)
-    torch.save(averaged, args.output + ".tmp")
-    os.replace(args.output + ".tmp", args.output)
+    write_atomically(lambda tmp: torch.save(averaged, tmp), args.output)
     print(f"wrote {args.output}")
 
 

@@ -27,6 +27,8 @@ import shutil
 import subprocess
 import sys
 
+from revcol import write_atomically
+
 GOOGLE_WMT16_URL = "https://drive.google.com/uc?export=download&id=0B_bZck-ksdkpM25jRUN2X2UxMm8"
 WMT14_EN_FR_TRAIN = {  # corpus path inside --raw-dir: the statmt.org archive that holds it
     "training/europarl-v7.fr-en": "http://statmt.org/wmt13/training-parallel-europarl-v7.tgz",
@@ -65,12 +67,16 @@ def read_sgml_segments(path: str, straighten_apostrophes: bool):
 
 
 def write_lines(path: str, lines) -> int:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        count = 0
-        for line in lines:
-            f.write(line + "\n")
-            count += 1
-    os.replace(path + ".tmp", path)
+    count = 0
+
+    def write(tmp):
+        nonlocal count
+        with open(tmp, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line + "\n")
+                count += 1
+
+    write_atomically(write, path)
     return count
 
 
@@ -147,10 +153,13 @@ def learn_subword_model(kind: str, train_files, size: int, model_path: str, work
         # learn_bpe reads one file (by name, in chunks, when it runs in parallel): both sides concatenated.
         both_sides = model_path + ".input"
         write_lines(both_sides, (line for f in train_files for line in read_lines(f)))
-        with open(both_sides, encoding="utf-8") as text, open(model_path + ".tmp", "w", encoding="utf-8") as codes:
-            learn_bpe(text, codes, size, num_workers=workers)
+
+        def write_codes(tmp):
+            with open(both_sides, encoding="utf-8") as text, open(tmp, "w", encoding="utf-8") as codes:
+                learn_bpe(text, codes, size, num_workers=workers)
+
+        write_atomically(write_codes, model_path)
         os.remove(both_sides)
-        os.replace(model_path + ".tmp", model_path)
     else:
         import sentencepiece
         model_prefix = model_path[: -len(".model")]

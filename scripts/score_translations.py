@@ -19,6 +19,8 @@ import sys
 import sacrebleu
 from sacremoses import MosesDetokenizer
 
+from revcol import write_atomically
+
 COMPOUND_HYPHEN = re.compile(r"(\S)-(\S)")
 
 
@@ -31,6 +33,16 @@ def read_lines(path: str):
         sys.exit(f"error: {path} is not UTF-8 text")
     except OSError as e:
         sys.exit(f"error: cannot read {path}: {e.strerror}")
+
+
+def write_lines(path: str, lines) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in lines)
+
+
+def write_json(path: str, data) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
 
 
 def read_generate_output(path: str):
@@ -91,9 +103,7 @@ def main():
     if raw_references is not None and len(raw_references) != len(hypotheses):
         sys.exit(f"error: {args.raw_ref} has {len(raw_references)} lines but there are {len(hypotheses)} hypotheses")
     for suffix, lines in (("hyp", hypotheses), ("ref", references)):
-        with open(f"{args.generate_output}.{suffix}.tmp", "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
-        os.replace(f"{args.generate_output}.{suffix}.tmp", f"{args.generate_output}.{suffix}")
+        write_atomically(lambda tmp: write_lines(tmp, lines), f"{args.generate_output}.{suffix}")
 
     bleu = tokenized_bleu(hypotheses, references)
     scores = {"sentences": len(hypotheses), "tokenized_bleu": round(bleu.score, 2)}
@@ -103,9 +113,7 @@ def main():
         scores.update(sacrebleu=round(detok_bleu.score, 2), sacrebleu_signature=str(signature))
         print(f"detokenized sacreBLEU = {detok_bleu.score:.2f} ({detok_bleu}) signature: {signature}")
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(scores, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)
+        write_atomically(lambda tmp: write_json(tmp, scores), args.json)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""revcol.load_plain_checkpoint: plain data loads; every way a file can be wrong is one ValueError naming it."""
+"""revcol.checkpoint: plain data loads, every way a file can be wrong is one ValueError naming it; atomic writes."""
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from revcol import load_plain_checkpoint
+from revcol import load_plain_checkpoint, write_atomically
 
 
 @dataclass
@@ -62,3 +62,21 @@ def test_a_bad_file_is_one_error_naming_it(tmp_path, case, message):
         load_plain_checkpoint(str(path))
     assert "\n" not in str(error.value)
     assert not marker.exists()
+
+
+def test_a_write_killed_midway_keeps_the_previous_file_whole(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"epoch": 1}, path)
+
+    def write_half_then_die(tmp):
+        torch.save({"epoch": 2, "weights": torch.zeros(1000)}, tmp)
+        os.truncate(tmp, os.path.getsize(tmp) // 2)
+        raise KeyboardInterrupt  # a kill or Ctrl-C in the middle of writing
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(write_half_then_die, str(path))
+    assert load_plain_checkpoint(str(path)) == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+    write_atomically(lambda tmp: torch.save({"epoch": 2}, tmp), str(path))
+    assert load_plain_checkpoint(str(path)) == {"epoch": 2}
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]

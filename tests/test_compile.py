@@ -1,6 +1,7 @@
 """torch.compile of the level functions: reversible gradients stay exact, random ops included."""
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from revcol import isotropic_columns
 
@@ -25,10 +26,18 @@ def rel(a, b):
 
 
 def eager_and_compiled(*args, **kwargs):
+    """Two equal models, the second with compiled levels, and a counter of the graphs Inductor compiled for them:
+    without it, a compile_levels() that compiled nothing would pass every comparison here."""
     eager = isotropic_columns(*args, **kwargs)
     compiled = isotropic_columns(*args, **kwargs)
     compiled.load_state_dict(eager.state_dict())
-    return eager, compiled.compile_levels()
+    counter = CompileCounterWithBackend("inductor")
+    return eager, compiled.compile_levels(backend=counter), counter
+
+
+def assert_compiled_forward_and_recompute(counter):
+    # The no-grad forward and the recompute under grad are separate graphs.
+    assert counter.frame_count >= 2, f"the levels ran compiled {counter.frame_count} times"
 
 
 def test_compiled_levels_with_dropout_and_drop_path_match_plain_autograd():
@@ -36,7 +45,7 @@ def test_compiled_levels_with_dropout_and_drop_path_match_plain_autograd():
     # the reversible gradients were off by 120% (benchmarks/compile_levels.py). The isotropic levels keep
     # their random ops eager.
     torch.manual_seed(0)
-    eager, compiled = eager_and_compiled(16, [1, 1, 1, 1], 3, 2, **DROPOUTS)
+    eager, compiled, counter = eager_and_compiled(16, [1, 1, 1, 1], 3, 2, **DROPOUTS)
     x = torch.randn(2, 6, 16)
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[1, 4:] = True
@@ -47,6 +56,7 @@ def test_compiled_levels_with_dropout_and_drop_path_match_plain_autograd():
     assert rel(out_rev, out_plain) < 1e-5  # measured 1.9e-6: compiled float32
     torch.manual_seed(8)
     assert not torch.allclose(compiled(x, key_padding_mask=mask)[-1], out_rev), "dropout must be active"
+    assert_compiled_forward_and_recompute(counter)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -56,7 +66,7 @@ def test_compiled_levels_under_bf16_autocast_cost_no_accuracy_beyond_bf16(device
     # eager bf16's own error: on CPU, over 10 seeds, the ratio was 0.84-1.09 (rounding, not the rebuild), and
     # 7.7-9.0 with the dropout masks not replayed in the recompute.
     torch.manual_seed(0)
-    eager, compiled = eager_and_compiled(64, [1, 1, 1, 1], 3, 4, keep_top_graph=True, **DROPOUTS)
+    eager, compiled, counter = eager_and_compiled(64, [1, 1, 1, 1], 3, 4, keep_top_graph=True, **DROPOUTS)
     eager, compiled = eager.to(device), compiled.to(device)
     x = torch.randn(4, 16, 64, device=device)
     mask = torch.zeros(4, 16, dtype=torch.bool, device=device)
@@ -67,13 +77,14 @@ def test_compiled_levels_under_bf16_autocast_cost_no_accuracy_beyond_bf16(device
     _, compiled_bf16 = gradients(compiled, x, True, mask, torch.bfloat16)
     assert torch.isfinite(compiled_bf16).all()
     assert rel(compiled_bf16, fp32) < 1.5 * rel(eager_bf16, fp32)
+    assert_compiled_forward_and_recompute(counter)
 
 
 def test_compiled_levels_follow_varying_sequence_lengths():
     # fairseq batches change length every step: the levels recompile once with dynamic shapes and must stay
     # right for every later length, in the reversible backward and in plain mode.
     torch.manual_seed(0)
-    eager, compiled = eager_and_compiled(16, [1, 1], 2, 2, gamma_init=1.0)
+    eager, compiled, counter = eager_and_compiled(16, [1, 1], 2, 2, gamma_init=1.0)
     for length in (8, 9, 11, 14):
         x = torch.randn(3, length, 16)
         mask = torch.zeros(3, length, dtype=torch.bool)
@@ -82,3 +93,4 @@ def test_compiled_levels_follow_varying_sequence_lengths():
         for reversible in (True, False):
             _, got = gradients(compiled, x, reversible, mask)
             assert rel(got, plain) < 1e-4, (length, reversible)
+    assert_compiled_forward_and_recompute(counter)

@@ -1,5 +1,6 @@
 """RevCol-Transformer fairseq plugin: decoding, padding, reversible gradients, checkpoints, flags, CLI."""
 import json
+import math
 import os
 import pickle
 import re
@@ -274,8 +275,8 @@ TRAIN_FLAGS = ["--user-dir", USER_DIR, "--arch", "revcol_transformer_tiny", "--t
                "--no-progress-bar", "--disable-validation", "--no-epoch-checkpoints"]
 
 
-def fairseq_cli(tool, *args, cwd, expect_ok=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+def fairseq_cli(tool, *args, cwd, expect_ok=True, **env_overrides):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **env_overrides)
     result = subprocess.run([sys.executable, "-m", f"fairseq_cli.{tool}", *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
@@ -362,19 +363,20 @@ def test_resume_reproduces_the_uninterrupted_run(trained):
         assert torch.equal(got[name], want[name]), name
 
 
-def generate(trained, *flags):
-    """{sentence id: (hypothesis, score)} from fairseq-generate's H lines for the toy valid set (24 sentences)."""
+def generate(trained, *flags, **env_overrides):
+    """{sentence id: (hypothesis, score)} from fairseq-generate's H lines for the toy valid set (24 sentences),
+    and fairseq-generate's whole output."""
     workdir, _, checkpoints, _ = trained
     _, output = fairseq_cli("generate", "data-bin", "--user-dir", USER_DIR, "--path",
                             str(checkpoints / "checkpoint_last.pt"), "--gen-subset", "valid", "--beam", "3",
-                            "--batch-size", "8", *flags, cwd=workdir)
+                            "--batch-size", "8", *flags, cwd=workdir, **env_overrides)
     found = re.findall(r"^H-(\d+)\t(\S+)\t(.*)$", output, flags=re.M)
-    return {int(i): (text, float(score)) for i, score, text in found}
+    return {int(i): (text, float(score)) for i, score, text in found}, output
 
 
 @pytest.fixture(scope="module")
 def generated(trained):
-    return generate(trained)
+    return generate(trained)[0]
 
 
 def test_fairseq_generate_with_user_dir_translates_every_sentence(generated):
@@ -384,7 +386,9 @@ def test_fairseq_generate_with_user_dir_translates_every_sentence(generated):
 def test_fairseq_generate_with_compiled_levels_matches_eager(trained, generated):
     """A checkpoint trained with --revcol-compile generates with compiled encoder levels (eval mode, no grad,
     a new source length in each of the three batches); here the override turns that on for an eager checkpoint."""
-    compiled = generate(trained, "--model-overrides", "{'revcol_compile': True}")
+    compiled, output = generate(trained, "--model-overrides", "{'revcol_compile': True}", TORCH_LOGS="dynamo")
+    assert re.search(r"torchdynamo start tracing forward \S*revcol/isotropic.py", output), "levels must be compiled"
+    assert "done compiler function inductor" in output
     assert sorted(compiled) == sorted(generated)
     for i, (text, score) in generated.items():
         assert compiled[i][0] == text
@@ -401,10 +405,15 @@ def test_fairseq_generate_without_user_dir_fails_naming_the_checkpoint_global(tr
     assert "Unsupported global: GLOBAL argparse.Namespace" in output
 
 
-def test_hub_interface_translates(trained):
-    _, data, checkpoints, _ = trained
+def test_hub_interface_translates_as_fairseq_generate_does(trained, generated):
+    workdir, data, checkpoints, _ = trained
     hub = RevColTransformerModel.from_pretrained(str(checkpoints), checkpoint_file="checkpoint_last.pt",
                                                  data_name_or_path=str(data))
     assert isinstance(hub.models[0], RevColTransformerModel)
-    translation = hub.translate("w1 w2 w3 w4", beam=3)
-    assert translation and all(re.fullmatch(r"w\d+|<unk>", token) for token in translation.split())
+    sources = (workdir / "valid.src").read_text().splitlines()
+    assert hub.translate(sources, beam=3) == [generated[i][0] for i in range(len(sources))]
+    # After 6 updates most hypotheses are alike; their scores still depend on each source's encoding.
+    best = [hypotheses[0] for hypotheses in hub.generate([hub.encode(s) for s in sources], beam=3)]
+    scores = [hypothesis["score"].item() / math.log(2) for hypothesis in best]  # fairseq-generate prints base 2
+    assert scores == pytest.approx([generated[i][1] for i in range(len(sources))], abs=1e-4)
+    assert len(set(scores)) > len(sources) // 2

@@ -5,6 +5,7 @@ arithmetic of the WMT training recipe."""
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -89,6 +90,26 @@ def test_average_checkpoints_writes_the_mean_and_it_loads(demo, tmp_path):
 
     models, _ = checkpoint_utils.load_model_ensemble([str(averaged_path)])
     assert isinstance(models[0], revcol_fairseq.RevColTransformerModel)
+
+
+def test_average_checkpoints_killed_while_writing_keeps_the_previous_output(demo, tmp_path, monkeypatch):
+    work, _ = demo
+    output = tmp_path / "averaged.pt"
+    output.write_bytes(b"an earlier average")
+    save = torch.save
+
+    def save_halfway_then_die(state, path):
+        save(state, path)
+        os.truncate(path, os.path.getsize(path) // 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", save_halfway_then_die)
+    monkeypatch.setattr(sys, "argv", ["average_checkpoints.py", str(work / "checkpoints"), "--last", "3",
+                                      "--output", str(output)])
+    with pytest.raises(KeyboardInterrupt):
+        runpy.run_path(os.path.join(REPO, "scripts", "average_checkpoints.py"), run_name="__main__")
+    assert output.read_bytes() == b"an earlier average"
+    assert os.listdir(tmp_path) == ["averaged.pt"]
 
 
 def test_average_checkpoints_names_a_damaged_checkpoint_and_writes_nothing(demo, tmp_path):

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import revcol_vit.train as train_module
+from revcol import ReversibleColumns
 from revcol_vit.config import UsageError
 from revcol_vit.sweep import main as sweep_main
 from revcol_vit.train import parse_args, train
@@ -107,12 +109,37 @@ def test_resume_reproduces_the_uninterrupted_run(small_digits, tmp_path, monkeyp
     assert [int(row["epoch"]) for row in read_csv(tmp_path / "b" / "log.csv")] == [1, 2, 3]
 
 
-def test_compiled_training_matches_eager(small_digits, tmp_path):
+def test_a_checkpoint_save_killed_midway_keeps_the_previous_epoch(small_digits, tmp_path, monkeypatch):
+    flags = [*NO_AUGMENTATION, "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "16", "--lr", "1e-4",
+             "--lr-base-batch", "16"]
+    save = torch.save
+
+    def save_epoch_2_halfway_then_die(state, path):
+        save(state, path)
+        if state["epoch"] == 2:
+            os.truncate(path, os.path.getsize(path) // 2)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", save_epoch_2_halfway_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(small_digits, tmp_path, *flags)
+    monkeypatch.undo()
+    assert train_module.load_checkpoint(str(tmp_path / "checkpoint.pth"))["epoch"] == 1
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    resumed = run_train(small_digits, tmp_path, *flags, "--resume", str(tmp_path / "checkpoint.pth"))
+    assert [row["epoch"] for row in resumed] == [1, 2]
+
+
+def test_compiled_training_matches_eager(small_digits, tmp_path, monkeypatch):
     """``--compile``, with drop path on: the compiled levels replay the same masks as eager ones."""
     flags = [*NO_AUGMENTATION, "--drop-path", "0.3", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16",
              "--lr", "1e-4", "--lr-base-batch", "16"]
     eager = run_train(small_digits, tmp_path / "eager", *flags)
+    counter = CompileCounterWithBackend("inductor")  # what the trainer's compile_levels() compiles goes through it
+    compile_levels = ReversibleColumns.compile_levels
+    monkeypatch.setattr(ReversibleColumns, "compile_levels", lambda self: compile_levels(self, backend=counter))
     compiled = run_train(small_digits, tmp_path / "compiled", *flags, "--compile")
+    assert counter.frame_count >= 2, "the levels must run compiled, in the forward and in the recompute"
     for key in ("train_loss", "val_loss", "val_top1"):
         assert compiled[0][key] == pytest.approx(eager[0][key], rel=1e-4), key
     a, b = (torch.load(tmp_path / run / "checkpoint.pth", weights_only=False) for run in ("eager", "compiled"))

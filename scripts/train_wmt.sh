@@ -14,9 +14,10 @@
 # The batch is split over GPUS (1 to 8) as --max-tokens per GPU x --update-freq: at most 3584 tokens per GPU
 # per step (what fits a 16 GB V100 in Ott et al.), accumulated until GPUS x max_tokens x update_freq reaches
 # the paper's batch (exactly for 1, 2, 4 and 8 GPUs, within 0.1% otherwise). --max-tokens caps a batch, so the
-# tokens of a real batch are a little lower, as in the paper. DRY_RUN=1 prints the command instead of running
-# it. Checkpoints every SAVE_INTERVAL updates (default 2000; the last 10 kept for averaging), JSON log lines
-# in SAVE_DIR/train.log, TensorBoard event files in SAVE_DIR/tensorboard.
+# tokens of a real batch are a little lower, as in the paper. DATA_BIN must hold fairseq-preprocess's output
+# (scripts/prepare_wmt.py). DRY_RUN=1 prints the command instead of running it. Checkpoints every SAVE_INTERVAL
+# updates (default 2000; the last 10 kept for averaging), JSON log lines in SAVE_DIR/train.log, TensorBoard event
+# files in SAVE_DIR/tensorboard.
 set -euo pipefail
 
 if [[ $# -lt 3 || ( $1 != en-de && $1 != en-fr ) ]]; then

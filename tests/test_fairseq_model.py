@@ -200,6 +200,43 @@ def test_architectures_fill_paper_defaults_and_flags_override_them():
     assert not columns.reversible
 
 
+def test_encoder_flags_reach_their_modules():
+    from fairseq.modules import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
+
+    from revcol.isotropic import DropPath
+
+    def drop_paths(encoder):
+        return [m.p for m in encoder.columns.modules() if isinstance(m, DropPath)]
+
+    default = build(seed=0).encoder
+    assert {g.item() for name, g in default.columns.named_parameters() if "gammas" in name for g in g} == {0.5}
+    assert drop_paths(default) == [] and isinstance(default.embed_positions, SinusoidalPositionalEmbedding)
+    assert default.layernorm_embedding is None
+    assert default.max_positions() == default.max_source_positions == 1024  # sinusoidal positions have no limit
+    custom = build("--revcol-gamma-init", "0.8", "--revcol-drop-path", "0.2", "--attention-dropout", "0.15",
+                   "--activation-dropout", "0.05", "--dropout", "0.25", "--encoder-learned-pos",
+                   "--layernorm-embedding", "--max-source-positions", "64").encoder
+    gammas = [g for name, g in custom.columns.named_parameters() if "gammas" in name]
+    assert gammas and all(torch.all(g == 0.8) for g in gammas)
+    assert max(drop_paths(custom)) == pytest.approx(0.2)  # rising linearly over a column's blocks
+    blocks = [block for column in custom.columns.columns for level in column.levels for block in level.blocks]
+    assert {block.attn.attn_drop for block in blocks} == {0.15}
+    assert {block.mlp.drop1.p for block in blocks} == {0.05} and {block.attn.proj_drop.p for block in blocks} == {0.25}
+    assert isinstance(custom.embed_positions, LearnedPositionalEmbedding) and custom.layernorm_embedding is not None
+    assert custom.max_positions() == 64
+
+
+def test_encoder_output_is_layer_normalized_and_zero_at_padding():
+    # The isotropic columns end in a post-LN block, then the encoder's own LayerNorm (weight 1, bias 0 at init).
+    model = build().eval()
+    tokens, lengths = source_batch(SENTENCES)
+    out = model.encoder(tokens, lengths)["encoder_out"][0]  # (T, B, C)
+    real = ~tokens.eq(1).t()
+    torch.testing.assert_close(out[real].mean(-1), torch.zeros(int(real.sum())), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[real].var(-1, unbiased=False), torch.ones(int(real.sum())), atol=1e-3, rtol=0)
+    assert torch.all(out[~real] == 0)
+
+
 def test_paper_configuration_matches_the_papers_parameter_count():
     model = build(arch="revcol_transformer", dictionary=toy_dictionary(32768))
     params = sum(p.numel() for p in model.parameters())

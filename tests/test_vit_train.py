@@ -1,5 +1,6 @@
 """RevCol-ViT training, validation and column sweep CLIs on a real image folder: scikit-learn's digits at 32x32."""
 import csv
+import math
 import os
 import re
 import shutil
@@ -107,6 +108,22 @@ def test_resume_reproduces_the_uninterrupted_run(small_digits, tmp_path, monkeyp
     for name, weight in a["model"].items():
         assert torch.allclose(weight, b["model"][name], rtol=0, atol=1e-6), name
     assert [int(row["epoch"]) for row in read_csv(tmp_path / "b" / "log.csv")] == [1, 2, 3]
+
+
+def test_lr_scales_with_the_batch_warms_up_linearly_then_follows_the_cosine():
+    # The paper's recipe at batch 1024: peak 4e-3 x 1024 / 4096. timm's cosine runs over all steps, warmup included.
+    args = parse_args(["--data", "unused", "--output", "unused", "--lr", "4e-3", "--lr-base-batch", "4096",
+                       "--batch-size", "1024", "--epochs", "10", "--warmup-epochs", "2", "--warmup-lr", "1e-6",
+                       "--min-lr", "1e-5"])
+    t = train_module.build_training(args, torch.nn.Linear(2, 2), updates_per_epoch=10, device=torch.device("cpu"))
+    peak, steps, warmup = 1e-3, 100, 20
+    for step in (0, 1, 10, 19, 20, 21, 60, 99, 100):
+        t.scheduler.step_update(step)
+        if step < warmup:
+            expected = 1e-6 + step * (peak - 1e-6) / warmup
+        else:
+            expected = 1e-5 + 0.5 * (peak - 1e-5) * (1 + math.cos(math.pi * step / steps))
+        assert t.lr == pytest.approx(expected, rel=1e-9), step
 
 
 def test_a_checkpoint_save_killed_midway_keeps_the_previous_epoch(small_digits, tmp_path, monkeypatch):

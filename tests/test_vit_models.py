@@ -119,11 +119,19 @@ def test_features_only_returns_last_column_levels_as_maps():
     assert [m.shape for m in maps] == [(2, 32, 8, 8)] * 4
     assert features.feature_info.channels() == [32] * 4 and features.feature_info.reduction() == [4] * 4
     assert isinstance(features.model.head, nn.Identity)  # pruned: a feature extractor has no classifier
+    levels = []  # the last column's 4 levels, as the columns return them
+    features.model.revcol.register_forward_hook(lambda module, args, out: levels.extend(out))
     tokens = features.model.forward_features(x)
-    torch.testing.assert_close(maps[-1], tokens.transpose(1, 2).reshape(2, 32, 8, 8))
+    assert len(levels) == 4 and levels[-1] is tokens
+    for got, level in zip(maps, levels):
+        torch.testing.assert_close(got, level.transpose(1, 2).reshape(2, 32, 8, 8))
 
-    picked = timm.create_model("revcol_vit_b_4x8", features_only=True, out_indices=(0, 2), **TINY)
-    assert len(picked(x)) == 2 and picked.feature_info.channels() == [32, 32]
+    picked = timm.create_model("revcol_vit_b_4x8", features_only=True, out_indices=(0, 2), **dict(TINY, patch_size=4))
+    picked.load_state_dict(features.state_dict())
+    picked_maps = picked.eval()(x)
+    assert len(picked_maps) == 2 and picked.feature_info.channels() == [32, 32]
+    torch.testing.assert_close(picked_maps[0], maps[0])
+    torch.testing.assert_close(picked_maps[1], maps[2])
 
 
 def test_forward_intermediates_and_head():

@@ -92,6 +92,16 @@ def test_average_checkpoints_writes_the_mean_and_it_loads(demo, tmp_path):
     assert isinstance(models[0], revcol_fairseq.RevColTransformerModel)
 
 
+def test_average_checkpoints_picks_the_highest_update_counts(tmp_path):
+    # By name, checkpoint_1_900.pt sorts after checkpoint_1_1000.pt: the update count must decide.
+    for name in ["checkpoint_1_900.pt", "checkpoint_2_1000.pt", "checkpoint_2_1100.pt", "checkpoint_1_95.pt",
+                 "checkpoint_last.pt", "checkpoint_best.pt"]:
+        (tmp_path / name).touch()
+    script = runpy.run_path(os.path.join(REPO, "scripts", "average_checkpoints.py"))
+    assert [os.path.basename(p) for p in script["last_checkpoints"](str(tmp_path), 3)] == \
+        ["checkpoint_1_900.pt", "checkpoint_2_1000.pt", "checkpoint_2_1100.pt"]
+
+
 def test_average_checkpoints_killed_while_writing_keeps_the_previous_output(demo, tmp_path, monkeypatch):
     work, _ = demo
     output = tmp_path / "averaged.pt"
@@ -182,6 +192,16 @@ def test_score_translations_orders_splits_compounds_and_rejects_gaps(tmp_path, m
     generate_output.write_text("H-0\t-0.1\tein Satz\nH-2\t-0.1\tnoch einer\n")
     result = run([sys.executable, "scripts/score_translations.py", str(generate_output)])
     assert result.returncode != 0 and "lacks hypotheses for sentence ids [1]" in result.stderr
+
+
+def test_tokenized_bleu_counts_the_split_compound_pieces(tmp_path):
+    # "well-known" against "well-made": split, 4 of 5 words match ("well ##AT##-##AT## known"), 3 of 4 bigrams, 2 of 3
+    # trigrams, 1 of 2 4-grams: BLEU = 100 (0.8 x 0.75 x 2/3 x 0.5) ^ (1/4) = 66.87. Unsplit it would be 0 (no 4-gram
+    # in 3 words), and sacreBLEU's own tokenizer would cut the markers into more pieces.
+    generate_output = tmp_path / "generate-test.txt"
+    generate_output.write_text("S-0\tsrc\nT-0\tdas ist well-made\nH-0\t-0.1\tdas ist well-known\n")
+    result = check([sys.executable, "scripts/score_translations.py", str(generate_output)])
+    assert result.stdout.startswith("tokenized compound-split BLEU = 66.87 (BLEU = 66.87 80.0/75.0/66.7/50.0 ")
 
 
 @pytest.mark.parametrize("case, message", [

@@ -66,18 +66,12 @@ def read_sgml_segments(path: str, straighten_apostrophes: bool):
             yield match.group(1).replace("\u2019", "'") if straighten_apostrophes else match.group(1)
 
 
-def write_lines(path: str, lines) -> int:
-    count = 0
-
+def write_lines(path: str, lines) -> None:
     def write(tmp):
-        nonlocal count
         with open(tmp, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line + "\n")
-                count += 1
+            f.writelines(line + "\n" for line in lines)
 
     write_atomically(write, path)
-    return count
 
 
 def binarize(text_prefixes: dict, src: str, tgt: str, dest: str, workers: int, extra_args=()) -> None:

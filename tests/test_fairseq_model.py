@@ -208,16 +208,18 @@ def test_encoder_flags_reach_their_modules():
     def drop_paths(encoder):
         return [m.p for m in encoder.columns.modules() if isinstance(m, DropPath)]
 
+    def gammas(encoder):
+        return [p for name, p in encoder.columns.named_parameters() if "gammas" in name]
+
     default = build(seed=0).encoder
-    assert {g.item() for name, g in default.columns.named_parameters() if "gammas" in name for g in g} == {0.5}
+    assert gammas(default) and all(torch.all(g == 0.5) for g in gammas(default))
     assert drop_paths(default) == [] and isinstance(default.embed_positions, SinusoidalPositionalEmbedding)
     assert default.layernorm_embedding is None
     assert default.max_positions() == default.max_source_positions == 1024  # sinusoidal positions have no limit
     custom = build("--revcol-gamma-init", "0.8", "--revcol-drop-path", "0.2", "--attention-dropout", "0.15",
                    "--activation-dropout", "0.05", "--dropout", "0.25", "--encoder-learned-pos",
                    "--layernorm-embedding", "--max-source-positions", "64").encoder
-    gammas = [g for name, g in custom.columns.named_parameters() if "gammas" in name]
-    assert gammas and all(torch.all(g == 0.8) for g in gammas)
+    assert gammas(custom) and all(torch.all(g == 0.8) for g in gammas(custom))
     assert max(drop_paths(custom)) == pytest.approx(0.2)  # rising linearly over a column's blocks
     blocks = [block for column in custom.columns.columns for level in column.levels for block in level.blocks]
     assert {block.attn.attn_drop for block in blocks} == {0.15}

@@ -1,12 +1,16 @@
-"""RevCol-ViT through timm: every variant builds and trains, reversible equals plain, timm's model API works."""
+"""RevCol-ViT through timm: every variant builds and trains, reversible equals plain, timm's model API works, and
+the column sweep's GFLOPs and memory figures are right."""
 import pytest
 import timm
 import torch
+from timm.data import resolve_data_config
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 from torch import nn
 
 import revcol_vit
+from revcol import PeakBytes, count_saved_bytes
+from revcol_vit.sweep import SWEEP_VARIANTS, gflops, peak_mb_per_sample
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, num_classes=5)
 
@@ -25,6 +29,15 @@ def expected_params(embed_dim, depths, columns, num_heads, num_classes, in_chans
     fusions = columns * L + (columns - 1) * (L - 1)     # a lower input everywhere, a higher one below the top
     return (in_chans * patch_size ** 2 * C + C + tokens * C + columns * sum(depths) * block
             + fusions * (C * C + 3 * C) + (columns - 1) * L * C + 2 * C + C * num_classes + num_classes)
+
+
+def expected_macs(embed_dim, depths, columns, num_classes, in_chans=3, patch_size=16, tokens=196):
+    """Multiply-adds of one image (the closed form of docs/vit.md): 12C^2 T + 2T^2 C per block (qkv, proj, MLP;
+    QK^T and AV), C^2 T per fusion projection, the patch embedding and the head."""
+    C, T, L = embed_dim, tokens, len(depths)
+    fusions = columns * L + (columns - 1) * (L - 1)
+    return (columns * sum(depths) * (12 * C * C * T + 2 * T * T * C) + fusions * C * C * T
+            + in_chans * patch_size ** 2 * C * T + C * num_classes)
 
 
 def test_registered_names():
@@ -62,6 +75,84 @@ def test_sweep_toy_scale_call():
                               num_classes=10)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     assert model.pretrained_cfg["input_size"] == (3, 32, 32)  # what timm's data config will resize to
+
+
+@pytest.mark.parametrize("variant", SWEEP_VARIANTS)
+def test_sweep_gflops_are_multiply_adds_of_the_closed_form(variant):
+    """The sweep's GFLOPs are multiply-adds (papers' "FLOPs"), QK^T and AV included: half the FlopCounter count.
+    Across the sweep the blocks' count is the same; only the fusion projections grow with the columns."""
+    cfg = revcol_vit.VARIANTS[f"revcol_vit_b_{variant}"]
+    expected = expected_macs(32, cfg["depths"], cfg["columns"], 5, patch_size=8, tokens=16)
+    assert gflops(tiny(f"revcol_vit_b_{variant}"), 32) == pytest.approx(expected / 1e9, rel=1e-9)
+
+
+@pytest.mark.parametrize("name, paper_gflops", [("revcol_vit_s", 4.6), ("revcol_vit_b", 18.8)])
+def test_sweep_gflops_match_table_9(name, paper_gflops):
+    with torch.device("meta"):  # no weights needed to count
+        model = timm.create_model(name)
+    cfg = revcol_vit.VARIANTS[name]
+    counted = gflops(model, 224)
+    assert counted == pytest.approx(expected_macs(cfg["embed_dim"], cfg["depths"], cfg["columns"], 1000) / 1e9,
+                                    rel=1e-9)
+    assert counted == pytest.approx(paper_gflops, rel=0.005)
+
+
+def training_peak(model, batch):
+    """Peak bytes of the tensors a training step on ``batch`` images creates, the gradients already allocated."""
+    model(torch.zeros(1, 3, 32, 32)).sum().backward()
+    x = torch.zeros(batch, 3, 32, 32)
+    with PeakBytes(ignore=[*model.parameters(), *(p.grad for p in model.parameters())]) as peak:
+        model(x).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return peak.peak
+
+
+def test_sweep_memory_is_what_each_image_adds_to_the_training_peak():
+    """peak_mb_per_sample subtracts the batch-1 peak (everything that does not grow with the batch: weight-gradient
+    temporaries and the like; parameters and gradients are not counted at all), leaving MiB per image."""
+    # 64 tokens: the peak falls at the same point of the step at every batch size. (At 16 tokens the batch-1 peak is
+    # set by weight-gradient temporaries elsewhere in the step, and batch 2 minus batch 1 understates the growth.)
+    model = tiny(patch_size=4).train()
+    # Without reversible recomputation every activation is kept until backward: per image the peak then grows by
+    # what autograd saves per image, an independent count.
+    model.reversible = False
+    saved = []
+    for batch in (1, 2):
+        with count_saved_bytes() as counter:
+            loss = model(torch.zeros(batch, 3, 32, 32)).sum()
+        saved.append(counter.bytes)
+        del loss
+    plain = peak_mb_per_sample(model, 32)
+    assert plain == pytest.approx((saved[1] - saved[0]) / 2**20, rel=0.02)
+    # Reversible: the per-image figure extends the batch-1 peak to the batch-4 one.
+    model.reversible = True
+    per_image = peak_mb_per_sample(model, 32)
+    peak_1, peak_4 = training_peak(model, 1), training_peak(model, 4)
+    assert peak_1 + 3 * per_image * 2**20 == pytest.approx(peak_4, rel=1e-3)
+    assert per_image < plain / 4  # what the sweep compares: reversible columns keep far less
+
+
+@pytest.mark.parametrize("kwargs, input_size", [
+    (dict(TINY, in_chans=1), (1, 32, 32)),
+    (dict(in_chans=4, embed_dim=32, num_heads=2, num_classes=5), (4, 224, 224)),  # no img_size: 224, patch 16
+])
+def test_in_chans_sets_the_patch_embedding_and_the_data_config(kwargs, input_size):
+    in_chans, patch = input_size[0], kwargs.get("patch_size", 16)
+    torch.manual_seed(0)
+    model = timm.create_model("revcol_vit_b_4x8", **kwargs).eval()
+    assert model.patch_embed.weight.shape == (32, in_chans, patch, patch)
+    assert model.pretrained_cfg["input_size"] == model.default_cfg["input_size"] == input_size
+    assert resolve_data_config(model=model)["input_size"] == input_size  # what timm's loaders resize to
+    # The same model over one channel more, whose patch weights for it are zero, ignores that channel: every one of
+    # the in_chans channels goes through the patch embedding.
+    wider = timm.create_model("revcol_vit_b_4x8", **dict(kwargs, in_chans=in_chans + 1)).eval()
+    state = model.state_dict()
+    wider.load_state_dict({**state, "patch_embed.weight": nn.functional.pad(state["patch_embed.weight"],
+                                                                            (0, 0, 0, 0, 0, 1))})
+    x = torch.randn(2, *input_size)
+    logits = model(x)
+    assert logits.shape == (2, 5)
+    torch.testing.assert_close(wider(torch.cat([x, torch.randn(2, 1, *input_size[1:])], 1)), logits)
 
 
 def test_reversible_matches_plain_in_full_model():
@@ -145,6 +236,28 @@ def test_forward_intermediates_and_head():
     torch.testing.assert_close(model(x), model.head(pooled))
 
 
+@pytest.mark.parametrize("output_fmt", ["NLC", "NCHW"])
+def test_forward_intermediates_norm_applies_the_final_norm_to_each_level(output_fmt):
+    model = tiny().eval()
+    with torch.no_grad():  # an affine that is not the identity of the init, so the norm's own weights must be used
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    final, levels = model.forward_intermediates(x, output_fmt="NLC")
+    normed_final, normed = model.forward_intermediates(x, norm=True, output_fmt=output_fmt)
+    torch.testing.assert_close(normed_final, final)  # the top level stays as forward_head takes it
+    torch.testing.assert_close(final, model.forward_features(x))
+    assert len(normed) == 4
+    for level, got in zip(levels, normed):
+        mean, var = level.mean(-1, keepdim=True), level.var(-1, unbiased=False, keepdim=True)
+        expected = (level - mean) / torch.sqrt(var + model.norm.eps) * model.norm.weight + model.norm.bias
+        if output_fmt == "NCHW":
+            expected = expected.transpose(1, 2).reshape(2, 32, 4, 4)
+            level = level.transpose(1, 2).reshape(2, 32, 4, 4)
+        torch.testing.assert_close(got, expected)
+        assert (got - level).abs().mean() > 0.1  # norm=False returns the raw levels
+
+
 def test_reset_classifier_and_get_classifier():
     model = tiny()
     x = torch.randn(2, 3, 32, 32)
@@ -154,6 +267,24 @@ def test_reset_classifier_and_get_classifier():
     assert isinstance(model.get_classifier(), nn.Identity) and model(x).shape == (2, 32)
     model.reset_classifier(0, global_pool="")
     assert model(x).shape == (2, 16, 32)
+
+
+def test_reset_classifier_initializes_the_new_head_like_the_model():
+    """Truncated normal weights of std 0.02 and zero biases (not nn.Linear's default uniform), in the model's dtype."""
+    model = tiny().double()
+    model.reset_classifier(200)
+    head = model.get_classifier()
+    assert model.num_classes == 200 and head.weight.shape == (200, 32) and head.bias.shape == (200,)
+    assert head.weight.dtype == head.bias.dtype == torch.float64
+    assert torch.count_nonzero(head.bias) == 0
+    assert head.weight.mean().abs() < 0.001 and 0.019 < head.weight.std() < 0.021  # 6400 draws: over 4 sigma
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(model.eval()(x), model.forward_head(model.forward_features(x), pre_logits=True)
+                               @ head.weight.T)
+
+    model.reset_classifier(0)  # features: the pooled, normalized tokens
+    assert model.num_classes == 0 and isinstance(model.get_classifier(), nn.Identity)
+    torch.testing.assert_close(model(x), model.norm(model.forward_features(x).mean(1)))
 
 
 @pytest.mark.parametrize("coarse", [False, True])

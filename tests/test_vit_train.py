@@ -1,4 +1,5 @@
 """RevCol-ViT training, validation and column sweep CLIs on a real image folder: scikit-learn's digits at 32x32."""
+import argparse
 import csv
 import math
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from timm.data import create_dataset
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import revcol_vit.train as train_module
@@ -18,7 +20,9 @@ from revcol import ReversibleColumns
 from revcol_vit.config import UsageError
 from revcol_vit.sweep import main as sweep_main
 from revcol_vit.train import parse_args, train
+from revcol_vit.validate import build_parser as validate_parser
 from revcol_vit.validate import main as validate_main
+from revcol_vit.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples" / "vit"))
@@ -78,6 +82,114 @@ def test_validate_cli_prints_the_logged_accuracy(trained, digits, capsys):
                    "--workers", "0", "--batch-size", "50"])
     top1 = re.search(r"top-1 (\d+\.\d+)", capsys.readouterr().out).group(1)
     assert top1 == f"{history[-1]['val_top1']:.2f}"
+
+
+@pytest.fixture(scope="module")
+def ema_run(small_digits, tmp_path_factory):
+    """4 epochs of one update each (a batch of all 160 training digits), EMA decay 0.5, label smoothing 0.3.
+
+    Returns the output folder, the log rows and every epoch's checkpoint.
+    """
+    output = tmp_path_factory.mktemp("ema_run")
+    checkpoints = []
+    write_csv = train_module.write_csv
+
+    def write_csv_and_keep_the_checkpoint(rows, path):
+        write_csv(rows, path)
+        checkpoints.append(train_module.load_checkpoint(str(output / "checkpoint.pth")))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "write_csv", write_csv_and_keep_the_checkpoint)
+        history = run_train(small_digits, output, *NO_AUGMENTATION, "--epochs", "4", "--warmup-epochs", "0",
+                            "--batch-size", "160", "--lr", "1e-3", "--lr-base-batch", "160", "--ema-decay", "0.5",
+                            "--smoothing", "0.3")
+    assert [row["step"] for row in history] == [1, 2, 3, 4]
+    return output, history, checkpoints
+
+
+def checkpoint_model(ckpt, weights: str) -> torch.nn.Module:
+    """The checkpoint's model with its "model" or "ema" weights."""
+    model = train_module.create_model(ckpt["args"]["model"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt[weights])
+    return model
+
+
+def evaluate_weights(ckpt, weights: str):
+    """Loss, top-1 and top-5 of the checkpoint's "model" or "ema" weights on the val/ split it trained with."""
+    loader = train_module.build_eval_loader(argparse.Namespace(**ckpt["args"]), "val", 0, 1, batch_size=64)
+    return train_module.evaluate(checkpoint_model(ckpt, weights), loader, train_module.Dist(0, 1, torch.device("cpu")),
+                                 amp_dtype=None)
+
+
+def test_ema_is_timm_v3_average_of_the_weights_after_each_update(ema_run):
+    """timm's ModelEmaV3 takes decay 0 at update 1 (the EMA becomes the model), then --ema-decay (0.5 here)."""
+    _, _, checkpoints = ema_run
+    expected = checkpoints[0]["model"]
+    for epoch, ckpt in enumerate(checkpoints, 1):
+        model = ckpt["model"]
+        if epoch > 1:
+            expected = {name: 0.5 * ema + 0.5 * model[name] for name, ema in expected.items()}
+            assert max((ema - model[name]).abs().max() for name, ema in expected.items()) > 1e-4, "EMA lags"
+        for name, ema in expected.items():
+            assert torch.allclose(ckpt["ema"][name], ema, rtol=0, atol=1e-6), (epoch, name)
+
+
+def test_logged_ema_accuracy_is_that_of_the_ema_weights(ema_run):
+    _, history, checkpoints = ema_run
+    ema = [evaluate_weights(ckpt, "ema") for ckpt in checkpoints]
+    assert [(row["ema_top1"], row["ema_top5"]) for row in history] == [(m["top1"], m["top5"]) for m in ema]
+    # The EMA's accuracies are not the model's here, so the model's logged as the EMA's would fail the above.
+    assert [(row["ema_top1"], row["ema_top5"]) for row in history] != [(row["val_top1"], row["val_top5"])
+                                                                        for row in history]
+
+
+def test_validate_ema_reports_the_ema_weights(ema_run, small_digits):
+    output, _, checkpoints = ema_run
+
+    def run_validate(*flags):
+        return validate(validate_parser().parse_args(["--model", "revcol_vit_s", "--checkpoint",
+                                                      str(output / "checkpoint.pth"), "--data", str(small_digits),
+                                                      "--workers", "0", *flags]))
+
+    ema, model = run_validate("--ema"), run_validate()
+    assert ema == pytest.approx(evaluate_weights(checkpoints[-1], "ema"), rel=1e-6)
+    assert model == pytest.approx(evaluate_weights(checkpoints[-1], "model"), rel=1e-6)
+    assert abs(ema["loss"] - model["loss"]) > 1e-4
+
+
+def test_smoothing_trains_on_label_smoothed_cross_entropy(ema_run):
+    """Without mixup, --smoothing 0.3 is 0.7 x the target's NLL + 0.3 x the mean NLL of all classes.
+
+    The last epoch's one step feeds all 160 training images (deterministic with augmentation off) to the weights
+    of the epoch before; its logged loss is that step's.
+    """
+    _, history, checkpoints = ema_run
+    ckpt = checkpoints[-2]
+    model = checkpoint_model(ckpt, "model").train()
+    train_set = create_dataset("", root=os.path.join(ckpt["args"]["data"], "train"), search_split=False,
+                               transform=train_module.build_transform(argparse.Namespace(**ckpt["args"]), True))
+    images, targets = zip(*train_set)
+    with torch.no_grad():
+        log_probs = model(torch.stack(images)).log_softmax(-1)
+    target_nll = -log_probs.gather(1, torch.tensor(targets)[:, None]).mean().item()
+    uniform_nll = -log_probs.mean().item()
+    assert history[-1]["train_loss"] == pytest.approx(0.7 * target_nll + 0.3 * uniform_nll, rel=1e-5)
+    assert abs(target_nll - uniform_nll) > 5e-3  # far enough apart that another smoothing would not pass
+
+
+def test_accumulated_micro_batches_make_the_update_of_the_whole_batch(small_digits, tmp_path):
+    """One update of 160 images, or of 2 accumulated micro-batches of 80. With SGD, whose step is linear in the
+    gradient (Adam's first step is lr x its sign), a summed instead of averaged gradient moves the weights elsewhere.
+    """
+    flags = [*NO_AUGMENTATION, "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "160", "--opt", "sgd",
+             "--lr", "0.1", "--lr-base-batch", "160"]
+    whole = run_train(small_digits, tmp_path / "whole", *flags)
+    accumulated = run_train(small_digits, tmp_path / "accumulated", *flags, "--accum-steps", "2")
+    assert whole[0]["step"] == accumulated[0]["step"] == 1
+    assert accumulated[0]["train_loss"] == pytest.approx(whole[0]["train_loss"], rel=1e-6)
+    a, b = (train_module.load_checkpoint(str(tmp_path / run / "checkpoint.pth")) for run in ("whole", "accumulated"))
+    for name, weight in a["model"].items():
+        assert torch.allclose(b["model"][name], weight, rtol=0, atol=1e-6), name
 
 
 def test_resume_reproduces_the_uninterrupted_run(small_digits, tmp_path, monkeypatch):

@@ -63,11 +63,12 @@ def gflops(model: torch.nn.Module, img_size: int) -> float:
 
 
 def peak_mb_per_sample(model: torch.nn.Module, img_size: int) -> float:
-    """Peak activation memory of a training step (forward and backward) per image, on any device: the peak
-    at batch 2 minus that at batch 1, which cancels what does not grow with the batch."""
+    """Peak activation memory of a training step (forward and backward) per image, on any device: half the peak
+    at batch 4 minus that at batch 2, which cancels what does not grow with the batch. (Not batch 1: for a small
+    model, weight-gradient temporaries elsewhere in the step can set its peak, which would understate the growth.)"""
     model.train()
     device = next(model.parameters()).device
-    images = [torch.zeros(batch, 3, img_size, img_size, device=device) for batch in (1, 2)]
+    images = [torch.zeros(batch, 3, img_size, img_size, device=device) for batch in (2, 4)]
     model(images[0]).sum().backward()  # allocates the gradients, which the measured steps start with
     peaks = []
     for x in images:
@@ -75,7 +76,7 @@ def peak_mb_per_sample(model: torch.nn.Module, img_size: int) -> float:
             model(x).sum().backward()
         peaks.append(peak.peak)
     model.zero_grad(set_to_none=True)
-    return (peaks[1] - peaks[0]) / 2**20
+    return (peaks[1] - peaks[0]) / 2 / 2**20
 
 
 def measure(args, num_classes: int, history: List[Dict[str, Any]]) -> Dict[str, Any]:

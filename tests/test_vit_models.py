@@ -107,12 +107,11 @@ def training_peak(model, batch):
     return peak.peak
 
 
-def test_sweep_memory_is_what_each_image_adds_to_the_training_peak():
-    """peak_mb_per_sample subtracts the batch-1 peak (everything that does not grow with the batch: weight-gradient
-    temporaries and the like; parameters and gradients are not counted at all), leaving MiB per image."""
-    # 64 tokens: the peak falls at the same point of the step at every batch size. (At 16 tokens the batch-1 peak is
-    # set by weight-gradient temporaries elsewhere in the step, and batch 2 minus batch 1 understates the growth.)
-    model = tiny(patch_size=4).train()
+@pytest.mark.parametrize("patch_size", [8, 4])
+def test_sweep_memory_is_what_each_image_adds_to_the_training_peak(patch_size):
+    """peak_mb_per_sample cancels everything that does not grow with the batch (weight-gradient temporaries and the
+    like; parameters and gradients are not counted at all), leaving MiB per image."""
+    model = tiny(patch_size=patch_size).train()
     # Without reversible recomputation every activation is kept until backward: per image the peak then grows by
     # what autograd saves per image, an independent count.
     model.reversible = False
@@ -124,11 +123,12 @@ def test_sweep_memory_is_what_each_image_adds_to_the_training_peak():
         del loss
     plain = peak_mb_per_sample(model, 32)
     assert plain == pytest.approx((saved[1] - saved[0]) / 2**20, rel=0.02)
-    # Reversible: the per-image figure extends the batch-1 peak to the batch-4 one.
+    # Reversible: the per-image figure extends the batch-2 peak to the batch-8 one. At 16 tokens (patch 8) the
+    # batch-1 peak falls elsewhere in the step (weight-gradient temporaries), so it is no base to extend from.
     model.reversible = True
     per_image = peak_mb_per_sample(model, 32)
-    peak_1, peak_4 = training_peak(model, 1), training_peak(model, 4)
-    assert peak_1 + 3 * per_image * 2**20 == pytest.approx(peak_4, rel=1e-3)
+    peak_2, peak_8 = training_peak(model, 2), training_peak(model, 8)
+    assert peak_2 + 6 * per_image * 2**20 == pytest.approx(peak_8, rel=1e-3)
     assert per_image < plain / 4  # what the sweep compares: reversible columns keep far less
 
 

@@ -3,6 +3,7 @@ the synthetic corpus once (module fixture); the tests then check its BLEU, check
 fairseq-validate, the WMT data preparation on miniature corpora laid out like the real downloads, and the batch
 arithmetic of the WMT training recipe."""
 import json
+import math
 import os
 import re
 import runpy
@@ -12,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import sacrebleu
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,6 +155,26 @@ def test_evaluation_that_fails_keeps_the_earlier_output(demo, tmp_path):
     assert not list(checkpoints.glob("*.tmp"))
 
 
+def test_evaluation_generates_with_beam_4_and_lenpen_0_6(demo):
+    # The demo's last step ran scripts/evaluate_translation.sh. fairseq-generate names its beam in the summary line,
+    # and each hypothesis score (H-) is the sum of its token log-probabilities (P-, EOS included) divided by
+    # length ** lenpen, so the lenpen it ran with can be read back: log(sum / score) / log(length). Without the flags
+    # fairseq would search with its defaults, beam 5 and lenpen 1 (the plain mean).
+    work, _ = demo
+    scores, positional = {}, {}
+    with open(work / "checkpoints" / "generate-test.txt") as f:
+        lines = f.read().splitlines()
+    for fields in (line.split("\t") for line in lines):
+        if fields[0].startswith("H-"):
+            scores[fields[0][2:]] = float(fields[1])
+        elif fields[0].startswith("P-"):
+            positional[fields[0][2:]] = [float(p) for p in fields[1].split()]
+    assert lines[-1].startswith("Generate test with beam=4: BLEU4 = ")
+    assert len(scores) == len(positional) == 300
+    lenpens = [math.log(sum(positional[i]) / scores[i]) / math.log(len(positional[i])) for i in scores]
+    assert min(lenpens) == pytest.approx(0.6, abs=2e-3) and max(lenpens) == pytest.approx(0.6, abs=2e-3)
+
+
 def test_interactive_translates_like_generate(demo):
     work, _ = demo
     with open(work / "raw" / "test.src") as f:
@@ -202,6 +224,28 @@ def test_tokenized_bleu_counts_the_split_compound_pieces(tmp_path):
     generate_output.write_text("S-0\tsrc\nT-0\tdas ist well-made\nH-0\t-0.1\tdas ist well-known\n")
     result = check([sys.executable, "scripts/score_translations.py", str(generate_output)])
     assert result.stdout.startswith("tokenized compound-split BLEU = 66.87 (BLEU = 66.87 80.0/75.0/66.7/50.0 ")
+
+
+def test_sacrebleu_scores_the_detokenized_hypotheses_against_the_raw_reference(tmp_path):
+    # fairseq-generate's hypotheses are Moses-tokenized (XML-escaped quotes, "@-@" hyphens, split punctuation);
+    # sacreBLEU must see them as plain text, as the raw reference is. Scored as they stand they would get 32.11,
+    # and 64.76 detokenized but still escaped (sacreBLEU's 13a tokenizer unescapes &quot; but not &apos;).
+    tokenized = ["Der &quot; well @-@ known &quot; Test , oder ?", "Das Kind spielt im Garten .",
+                 "Die 3 @-@ Zimmer @-@ Wohnung kostet 1.200 Euro ( warm ) .", "Sie sagte : &apos; Nein ! &apos;"]
+    detokenized = ['Der "well-known" Test, oder?', "Das Kind spielt im Garten.",
+                   "Die 3-Zimmer-Wohnung kostet 1.200 Euro (warm).", "Sie sagte: 'Nein!'"]
+    raw_references = ['Der "well-known" Test, oder?', "Das Kind schläft im Garten.",
+                      "Die 3-Zimmer-Wohnung kostet 1.200 Euro (warm).", "Sie sagte: 'Nein!'"]
+    expected = sacrebleu.corpus_bleu(detokenized, [raw_references]).score
+    assert round(expected, 2) == 90.0 and round(sacrebleu.corpus_bleu(tokenized, [raw_references]).score, 2) == 32.11
+    generate_output, raw = tmp_path / "generate-test.txt", tmp_path / "test.raw.de"
+    generate_output.write_text("".join(f"S-{i}\tsrc\nT-{i}\t{h}\nH-{i}\t-0.1\t{h}\n" for i, h in enumerate(tokenized)),
+                               encoding="utf-8")
+    raw.write_text("".join(r + "\n" for r in raw_references), encoding="utf-8")
+    result = check([sys.executable, "scripts/score_translations.py", str(generate_output), "--raw-ref", str(raw),
+                    "--lang", "de", "--json", str(tmp_path / "bleu.json")])
+    assert f"detokenized sacreBLEU = {expected:.2f} (BLEU = {expected:.2f} " in result.stdout
+    assert json.load(open(tmp_path / "bleu.json"))["sacrebleu"] == round(expected, 2) == 90.0
 
 
 @pytest.mark.parametrize("case, message", [
@@ -302,6 +346,33 @@ def test_prepare_wmt14_en_fr_rejects_a_corpus_with_unequal_sides(tmp_path, toy_p
                   str(tmp_path / "text"), "--dest", str(tmp_path / "data-bin"), "--bpe-tokens", "50", "--workers", "1"])
     assert result.returncode != 0 and "do not have the same number of lines" in result.stderr, result.stderr
     assert not (tmp_path / "data-bin").exists()
+
+
+def test_prepare_wmt14_en_fr_holds_out_every_1333rd_pair_as_valid(tmp_path):
+    pairs = [(f"this is pair {i} .", f"voici la paire {i} .") for i in range(1, 2 * 1333 + 5)]  # numbered from 1
+    raw, text = tmp_path / "raw", tmp_path / "text"
+    write_wmt14_en_fr_layout(raw, pairs, [("a test .", "un essai .")])
+    check([sys.executable, "scripts/prepare_wmt.py", "wmt14-en-fr", "--raw-dir", str(raw), "--text-dir", str(text),
+           "--dest", str(tmp_path / "data-bin"), "--bpe-tokens", "50", "--workers", "2"])
+    read = lambda name: (text / name).read_text(encoding="utf-8").splitlines()  # noqa: E731
+    for side, lang in enumerate(("en", "fr")):
+        held_out = [pairs[1333 - 1][side], pairs[2 * 1333 - 1][side]]  # "... pair 1333 .", "... pair 2666 ."
+        assert read(f"valid.tok.{lang}") == held_out
+        assert read(f"train.tok.{lang}") == [pair[side] for pair in pairs if pair[side] not in held_out]
+        assert [line.replace("@@ ", "") for line in read(f"valid.clean.{lang}")] == held_out  # kept by cleaning
+
+
+def test_prepare_wmt_cleaning_drops_pairs_longer_than_1_5_times_the_other_side(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "scripts"))
+    from prepare_wmt import keep_pair
+
+    def sentence(tokens):
+        return " ".join(["w@@", "x"] * (tokens // 2) + ["y"] * (tokens % 2))  # BPE pieces count as tokens
+
+    for short, long, kept in [(1, 1, True), (2, 3, True), (10, 15, True), (1, 2, False), (2, 4, False),
+                              (10, 16, False), (100, 151, False)]:
+        assert keep_pair(sentence(short), sentence(long)) is kept, (short, long)
+        assert keep_pair(sentence(long), sentence(short)) is kept, (long, short)
 
 
 def test_prepare_wmt16_en_de_binarizes_google_corpus(tmp_path, toy_pairs):

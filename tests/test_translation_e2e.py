@@ -354,7 +354,10 @@ def test_prepare_wmt14_en_fr_holds_out_every_1333rd_pair_as_valid(tmp_path):
     write_wmt14_en_fr_layout(raw, pairs, [("a test .", "un essai .")])
     check([sys.executable, "scripts/prepare_wmt.py", "wmt14-en-fr", "--raw-dir", str(raw), "--text-dir", str(text),
            "--dest", str(tmp_path / "data-bin"), "--bpe-tokens", "50", "--workers", "2"])
-    read = lambda name: (text / name).read_text(encoding="utf-8").splitlines()  # noqa: E731
+
+    def read(name):
+        return (text / name).read_text(encoding="utf-8").splitlines()
+
     for side, lang in enumerate(("en", "fr")):
         held_out = [pairs[1333 - 1][side], pairs[2 * 1333 - 1][side]]  # "... pair 1333 .", "... pair 2666 ."
         assert read(f"valid.tok.{lang}") == held_out

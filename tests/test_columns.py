@@ -273,6 +273,17 @@ def test_frozen_columns_keep_no_graph_of_the_top_level():
     assert saved.bytes == outputs.bytes
 
 
+def test_a_closed_saved_bytes_counter_stops_counting():
+    torch.manual_seed(0)
+    model = mix_columns(3)
+    with count_saved_bytes() as saved:
+        model(torch.randn(3, 5))
+    counted = saved.bytes
+    assert counted > 0
+    model(torch.randn(3, 5))  # another reversible forward notes its outputs to the counters still open
+    assert saved.bytes == counted
+
+
 def test_reversible_forward_under_autocast_keeps_no_weight_copies():
     # Autocast caches the half-precision copy of every weight until its region ends. The reversible forward
     # runs without that cache: a decoder running after the columns (still inside the region) would

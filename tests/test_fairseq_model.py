@@ -15,6 +15,7 @@ import torch
 from fairseq import checkpoint_utils, options
 from fairseq.data import Dictionary
 from fairseq.data.data_utils import collate_tokens
+from fairseq.models.transformer import TransformerEncoder
 from fairseq.sequence_generator import SequenceGenerator
 from toy_corpus import write_reversal_corpus
 
@@ -226,6 +227,38 @@ def test_encoder_flags_reach_their_modules():
     assert {block.mlp.drop1.p for block in blocks} == {0.05} and {block.attn.proj_drop.p for block in blocks} == {0.25}
     assert isinstance(custom.embed_positions, LearnedPositionalEmbedding) and custom.layernorm_embedding is not None
     assert custom.max_positions() == 64
+    negative = build("--revcol-gamma-init", "-0.5").encoder  # |gamma| bounds the inverse; either sign works
+    assert gammas(negative) and all(torch.all(g == -0.5) for g in gammas(negative))
+
+
+@pytest.mark.parametrize("stem_flags", [[], ["--no-scale-embedding"], ["--no-token-positional-embeddings"],
+                                        ["--encoder-learned-pos", "--layernorm-embedding"]])
+def test_source_embedding_and_encoder_out_fields_are_fairseqs_transformer_encoders(stem_flags):
+    # The stem (scale, positions, LayerNorm, dropout) and the encoder_out fields besides encoder_out itself
+    # are those of fairseq's own encoder, built here from the same flags and embeddings.
+    flags = ["--dropout", "0.3", *stem_flags]
+    model = build(*flags)
+    reference = TransformerEncoder(model_args("revcol_transformer_tiny", *flags), model.encoder.dictionary,
+                                   model.encoder.embed_tokens)
+    reference.load_state_dict(model.encoder.state_dict(), strict=False)  # learned positions, LayerNorm
+    src, lengths = source_batch(SENTENCES)
+    for training in (False, True):
+        stems = []
+        for encoder in (model.encoder, reference):
+            encoder.train(training)
+            torch.manual_seed(0)
+            stems.append(encoder.forward_embedding(src))
+        (x, embed), (want_x, want_embed) = stems
+        torch.testing.assert_close(x, want_x, rtol=0, atol=0)
+        torch.testing.assert_close(embed, want_embed, rtol=0, atol=0)
+    assert (x[src.ne(1)] == 0).float().mean() > 0.2  # dropout (0.3) fired in training
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        got, want = model.encoder(src, lengths), reference(src, lengths)
+    for key in ("encoder_embedding", "encoder_padding_mask", "src_lengths"):
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+    assert got["src_lengths"][0].flatten().tolist() == [8, 3, 5]
 
 
 def test_encoder_output_is_layer_normalized_and_zero_at_padding():
@@ -255,6 +288,7 @@ def test_paper_configuration_matches_the_papers_parameter_count():
     (["--revcol-gamma-init", "nan"], "argument --revcol-gamma-init: |gamma| must be finite and at least 0.001"),
     (["--revcol-gamma-init", "inf"], "argument --revcol-gamma-init: |gamma| must be finite and at least 0.001"),
     (["--revcol-drop-path", "1.5"], "argument --revcol-drop-path: must be in [0, 1), got 1.5"),
+    (["--revcol-drop-path", "1"], "argument --revcol-drop-path: must be in [0, 1), got 1"),
     (["--revcol-colums", "3"], "unrecognized arguments: --revcol-colums 3"),
 ])
 def test_bad_revcol_flag_is_one_argparse_error(flags, message, capsys):
@@ -277,11 +311,15 @@ def test_dims_that_do_not_fit_the_heads_are_refused(flags, message):
         build(*flags, "--no-share-all-embeddings")
 
 
-def test_namespaces_built_without_the_parser_are_checked_too():
+@pytest.mark.parametrize("name, value, message", [
+    ("revcol_blocks", "1", "--revcol-blocks needs at least 2 levels"),
+    ("revcol_columns", 0, "--revcol-columns must be at least 1, got 0"),
+])
+def test_namespaces_built_without_the_parser_are_checked_too(name, value, message):
     args = model_args("revcol_transformer_tiny")
-    args.revcol_blocks = "1"
+    setattr(args, name, value)
     task = types.SimpleNamespace(source_dictionary=toy_dictionary(), target_dictionary=toy_dictionary())
-    with pytest.raises(ValueError, match="--revcol-blocks needs at least 2 levels"):
+    with pytest.raises(ValueError, match=message):
         RevColTransformerModel.build_model(args, task)
 
 

@@ -1,11 +1,12 @@
 """The isotropic level's building blocks against their textbook formulas, and its initialization."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from revcol import isotropic_columns
-from revcol.isotropic import CosineAttention, DropPath
+from revcol.isotropic import CosineAttention, DropPath, LevelFusion, PostNormBlock
 
 
 def reference_cosine_attention(attn: CosineAttention, x, key_padding_mask):
@@ -37,6 +38,23 @@ def test_cosine_attention_is_a_softmax_over_scaled_cosine_similarities():
     assert got[1][2].abs().max() == 0  # the clamped temperature gets no gradient
 
 
+def test_attention_temperature_starts_at_10_in_every_head():
+    # Swin V2's init: softmax(10 cos(q, k)) until the per-head logit scale is learned.
+    attn = CosineAttention(24, 3)
+    assert attn.logit_scale.shape == (3, 1, 1)
+    torch.testing.assert_close(attn.logit_scale.exp(), torch.full((3, 1, 1), 10.0))
+
+
+def test_attention_dropout_fires_in_training_only():
+    torch.manual_seed(0)
+    attn = CosineAttention(24, 3, attn_drop=0.5).double()
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    ref = reference_cosine_attention(attn, x, pad)
+    assert (attn.eval()(x, pad) - ref).abs().max() < 1e-10
+    assert (attn.train()(x, pad) - ref).abs().max() > 1e-2
+
+
 def test_half_precision_zero_vectors_stay_finite():
     """Padding tokens can be all-zero; their queries and keys must not turn into NaN in float16."""
     attn = CosineAttention(16, 2).half()
@@ -61,6 +79,57 @@ def test_drop_path_zeroes_whole_samples_and_rescales_the_kept_ones():
     assert torch.allclose(y[kept], x[kept] / 0.75)  # so that the expected value is x
     assert abs(kept.float().mean().item() - 0.75) < 0.03
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_post_norm_block_normalizes_each_branch_output_and_drops_each_branch_per_sample():
+    # Res-post-norm: h = x + LN1(attn(x)), out = h + LN2(mlp(h)). Drop path drops each of the two branches of a
+    # sample on its own and scales a kept one by 1 / (1 - p): four outcomes per sample, and each must occur.
+    torch.manual_seed(0)
+    block = PostNormBlock(16, 2, mlp_ratio=2.0, drop_path=0.5).double()
+    with torch.no_grad():  # LayerNorms away from their identity init, so that each one's place shows
+        for norm in (block.norm1, block.norm2):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(64, 5, 16, dtype=torch.float64)
+    pad = torch.zeros(64, 5, dtype=torch.bool)
+    pad[::2, 3:] = True
+
+    def attn_branch(y):
+        return block.norm1(block.attn(y, pad))
+
+    def mlp_branch(y):
+        return block.norm2(block.mlp(y))
+
+    with torch.no_grad():
+        h = x + attn_branch(x)
+        assert (block.eval()(x, pad) - (h + mlp_branch(h))).abs().max() < 1e-12
+        h_kept = x + 2 * attn_branch(x)
+        outcomes = torch.stack([x, x + 2 * mlp_branch(x), h_kept, h_kept + 2 * mlp_branch(h_kept)])
+        out = block.train()(x, pad)
+    matches = (outcomes - out).flatten(2).abs().amax(-1) < 1e-12  # (outcome, sample)
+    assert torch.all(matches.sum(0) == 1), "every sample is one of the four outcomes"
+    assert torch.all(matches.sum(1) > 0), matches.sum(1)
+
+
+def test_level_fusion_sums_the_normalized_projections_of_its_two_inputs():
+    torch.manual_seed(0)
+    fusion = LevelFusion(8, takes_high=True)
+    with torch.no_grad():
+        for norm in (fusion.low[1], fusion.high[1]):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    low, high = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+
+    def linear_then_norm(branch, x):
+        linear, norm = branch
+        return F.layer_norm(x @ linear.weight.T + linear.bias, (8,), norm.weight, norm.bias)
+
+    expected = linear_then_norm(fusion.low, low) + linear_then_norm(fusion.high, high)
+    torch.testing.assert_close(fusion(low, high), expected)
+    with pytest.raises(ValueError, match="^LevelFusion built with a higher input was called without one$"):
+        fusion(low, None)
+    with pytest.raises(ValueError, match="^LevelFusion built without a higher input was called with one$"):
+        LevelFusion(8, takes_high=False)(low, high)
 
 
 def test_ffn_output_projections_are_scaled_down_by_depth_through_each_column():

@@ -94,10 +94,27 @@ def test_average_checkpoints_writes_the_mean_and_it_loads(demo, tmp_path):
     assert isinstance(models[0], revcol_fairseq.RevColTransformerModel)
 
 
+def average_checkpoints_cli(monkeypatch, *argv):
+    """Runs scripts/average_checkpoints.py in this process, where fairseq is already imported."""
+    monkeypatch.setattr(sys, "argv", ["average_checkpoints.py", *argv])
+    runpy.run_path(os.path.join(REPO, "scripts", "average_checkpoints.py"), run_name="__main__")
+
+
+def write_numbered_checkpoints(folder, weights_by_updates):
+    """checkpoint_1_<updates>.pt files holding the given weights, and their update count where fairseq keeps it."""
+    folder.mkdir()
+    for updates, weights in weights_by_updates.items():
+        torch.save({"model": weights, "optimizer_history": [{"num_updates": updates}],
+                    "extra_state": {"train_iterator": {"iterations_in_epoch": updates}}},
+                   folder / f"checkpoint_1_{updates}.pt")
+    return folder
+
+
 def test_average_checkpoints_picks_the_highest_update_counts(tmp_path):
-    # By name, checkpoint_1_900.pt sorts after checkpoint_1_1000.pt: the update count must decide.
+    # By name, checkpoint_1_900.pt sorts after checkpoint_1_1000.pt: the update count must decide. A temporary
+    # file left by a killed save is no checkpoint.
     for name in ["checkpoint_1_900.pt", "checkpoint_2_1000.pt", "checkpoint_2_1100.pt", "checkpoint_1_95.pt",
-                 "checkpoint_last.pt", "checkpoint_best.pt"]:
+                 "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_2_1200.pt.tmp"]:
         (tmp_path / name).touch()
     script = runpy.run_path(os.path.join(REPO, "scripts", "average_checkpoints.py"))
     assert [os.path.basename(p) for p in script["last_checkpoints"](str(tmp_path), 3)] == \
@@ -116,12 +133,42 @@ def test_average_checkpoints_killed_while_writing_keeps_the_previous_output(demo
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", save_halfway_then_die)
-    monkeypatch.setattr(sys, "argv", ["average_checkpoints.py", str(work / "checkpoints"), "--last", "3",
-                                      "--output", str(output)])
     with pytest.raises(KeyboardInterrupt):
-        runpy.run_path(os.path.join(REPO, "scripts", "average_checkpoints.py"), run_name="__main__")
+        average_checkpoints_cli(monkeypatch, str(work / "checkpoints"), "--last", "3", "--output", str(output))
     assert output.read_bytes() == b"an earlier average"
     assert os.listdir(tmp_path) == ["averaged.pt"]
+
+
+def test_average_checkpoints_keeps_each_weights_dtype_and_the_newest_training_state(tmp_path, monkeypatch):
+    checkpoints = write_numbered_checkpoints(tmp_path / "checkpoints", {
+        100: {"half": torch.tensor([9.0, 9.0], dtype=torch.float16), "single": torch.tensor([9.0])},
+        200: {"half": torch.tensor([2.0, 2.0], dtype=torch.float16), "single": torch.tensor([1.0])},
+        300: {"half": torch.tensor([4.0, 5.0], dtype=torch.float16), "single": torch.tensor([6.0])},
+    })
+    output = tmp_path / "averaged.pt"
+    average_checkpoints_cli(monkeypatch, str(checkpoints), "--last", "2", "--output", str(output))
+    averaged = torch.load(output, map_location="cpu", weights_only=True)
+    assert averaged["model"]["half"].dtype == torch.float16 and averaged["model"]["single"].dtype == torch.float32
+    assert averaged["model"]["half"].tolist() == [3.0, 3.5] and averaged["model"]["single"].tolist() == [3.5]
+    assert averaged["optimizer_history"] == [{"num_updates": 300}]  # fairseq resumes and logs from these
+    assert averaged["extra_state"] == {"train_iterator": {"iterations_in_epoch": 300}}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("--last 0", "--last must be at least 1, got 0"),
+    ("output in a missing folder", "the folder of --output {tmp}/no/averaged.pt does not exist"),
+    ("different models", "{checkpoints}/checkpoint_1_200.pt has different weight names than "
+                         "{checkpoints}/checkpoint_1_100.pt: not the same model"),
+])
+def test_average_checkpoints_bad_input_is_one_error_and_writes_nothing(tmp_path, monkeypatch, case, message):
+    newer = {"w": torch.ones(2), "extra.w": torch.ones(2)} if case == "different models" else {"w": torch.ones(2)}
+    checkpoints = write_numbered_checkpoints(tmp_path / "checkpoints", {100: {"w": torch.zeros(2)}, 200: newer})
+    output = tmp_path / "no" / "averaged.pt" if case == "output in a missing folder" else tmp_path / "averaged.pt"
+    with pytest.raises(SystemExit) as exit_info:
+        average_checkpoints_cli(monkeypatch, str(checkpoints), "--last", "0" if case == "--last 0" else "2",
+                                "--output", str(output))
+    assert str(exit_info.value) == "error: " + message.format(tmp=tmp_path, checkpoints=checkpoints)
+    assert os.listdir(tmp_path) == ["checkpoints"]
 
 
 def test_average_checkpoints_names_a_damaged_checkpoint_and_writes_nothing(demo, tmp_path):
@@ -441,13 +488,17 @@ def test_train_recipe_reaches_paper_batch_for_1_to_8_gpus(tmp_path, task, batch_
         assert (args.arch, args.lr, args.dropout, args.max_update) == (arch, [lr], dropout, max_update)
         assert args.fp16 and args.share_all_embeddings and args.warmup_updates == 4000
         assert args.adam_betas == "(0.9, 0.98)" and args.label_smoothing == 0.1 and args.clip_norm == 0.0
+        assert (args.optimizer, args.weight_decay, args.lr_scheduler, args.warmup_init_lr) == \
+            ("adam", 0.0, "inverse_sqrt", 1e-7)
+        assert (args.save_interval_updates, args.keep_interval_updates) == (2000, 10)  # the last 10 for averaging
 
 
-def test_train_recipe_rejects_bad_gpu_count(tmp_path):
+@pytest.mark.parametrize("gpus", ["0", "9", "16", "two"])
+def test_train_recipe_rejects_bad_gpu_count(tmp_path, gpus):
     data_bin = binarized_names(tmp_path / "data-bin", "en-de")
     result = run(["bash", "scripts/train_wmt.sh", "en-de", data_bin, str(tmp_path / "checkpoints")],
-                 GPUS="16", DRY_RUN="1")
-    assert result.returncode != 0 and "GPUS must be 1 to 8" in result.stderr
+                 GPUS=gpus, DRY_RUN="1")
+    assert result.returncode == 2 and result.stderr == f"error: GPUS must be 1 to 8, got '{gpus}'\n"
 
 
 @pytest.mark.parametrize("missing", ["", "dict.fr.txt", "valid.en-fr.en.idx"])

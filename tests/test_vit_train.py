@@ -302,12 +302,23 @@ def test_yaml_recipe_overrides_defaults_and_flags_override_it(tmp_path):
     args = parse_args(["--data", "d", "--config", str(recipe), "--batch-size", "64"])
     assert (args.epochs, args.batch_size, args.lr) == (5, 64, 1e-3)
     assert (args.warmup_epochs, args.mixup, args.aa) == (20, 0.8, "rand-m9-mstd0.5-inc1")  # Table 11
+    assert (args.scale, args.ratio, args.hflip) == ([0.08, 1.0], [3 / 4, 4 / 3], 0.5)  # ConvNeXt's crop and flip
+    recipe.write_text("# nothing to override yet\n")  # an empty recipe keeps every default
+    assert vars(parse_args(["--data", "d", "--config", str(recipe)])) == {
+        **vars(parse_args(["--data", "d"])), "config": str(recipe)}
     for text, message in [("learning_rate: 1.0\n", "unknown options: learning_rate"),
                           ("amp: fp32\n", "amp = 'fp32' is not one of bf16, fp16, none"),
-                          ("epochs: many\n", "epochs = 'many' is not a int")]:
-        recipe.write_text(text)
-        with pytest.raises(UsageError, match=message):
+                          ("epochs: many\n", "epochs = 'many' is not a int"),
+                          ("- epochs\n- 5\n", "must be a mapping of option names to values"),
+                          ("epochs: [5\nlr: 1\n", "is not valid YAML: while parsing a flow sequence$"),
+                          (None, "cannot read config .*: No such file or directory$")]:
+        if text is None:
+            recipe.unlink()
+        else:
+            recipe.write_text(text)
+        with pytest.raises(UsageError, match=message) as error:
             parse_args(["--data", "d", "--config", str(recipe)])
+        assert "\n" not in str(error.value)
 
 
 def test_example_imagenet_recipe_is_table_11():

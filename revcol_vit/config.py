@@ -69,7 +69,8 @@ def _check_value(path: str, action: argparse.Action, value: Any) -> Any:
         try:
             value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
         except (TypeError, ValueError):
-            raise UsageError(f"config {path}: {action.dest} = {value!r} is not a {action.type.__name__}") from None
+            kind = action.type.__name__
+            raise UsageError(f"config {path}: {action.dest} = {value!r} is not a valid {kind}") from None
     if action.choices is not None and value not in action.choices:
         raise UsageError(f"config {path}: {action.dest} = {value!r} is not one of {', '.join(action.choices)}")
     return value

@@ -104,6 +104,8 @@ def generation_speed(arch, compiled, args):
 def main():
     args = parse_args()
     assert torch.cuda.is_available(), "this benchmark measures GPU throughput"
+    if args.log_dir:
+        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     print(f"# {torch.cuda.get_device_name()}, {date.today()}, torch {torch.__version__}, fp16, dummy_mt "
           f"dict {DICT_SIZE}, {SENT_LEN}-token sentences")
     print("| arch | precision | flags | params | max tokens | train words/s |\n|---|---|---|---|---|---|")

@@ -50,6 +50,6 @@ else
         -w /tmp/fw .whl/fairseq_fixed-*.tar.gz && python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/fw/*.whl'
     step 600 "target 4: RevCol-Transformer against Transformer-big" python3 benchmarks/fairseq_throughput.py \
         --max-tokens 4096 --updates 150 --log-interval 30 --log-dir /tmp/fairseq_logs
-    tar czf "$out/fairseq_logs.tgz" -C /tmp fairseq_logs
+    [ -d /tmp/fairseq_logs ] && tar czf "$out/fairseq_logs.tgz" -C /tmp fairseq_logs
 fi
 } 2>&1 | tee "$out/$part.log"

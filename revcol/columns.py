@@ -12,16 +12,32 @@ The inverse, top level first, rebuilds column c-1 from column c:
 
 so backward needs only the stem output and the last column's levels: memory does not grow with the
 number of columns.
+
+The level states (the "stream") are carried in float64 while the level functions compute in the stem
+output's dtype, on copies of their inputs in that dtype. The float64 sum ``F + gamma * x`` keeps the bits
+that a float32 sum would round away, so the inverse gives back the forward's states to far below float32's
+resolution, the recompute sees the same inputs as the forward, and reversible gradients equal plain
+autograd's. Each inverse step still divides the stream's own rounding by gamma; where that could add up to
+more than 2**rebuild_budget_bits since the last exact state, a column's states are kept for backward.
 """
+import warnings
+from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
-from typing import Dict, List, Optional, Sequence
+from functools import lru_cache
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .memory import note_kept_for_backward
 
 GAMMA_MIN = 1e-3
+GAMMA_INIT = 0.5  # the official code's starting gamma
+STREAM_DTYPE = torch.float64
+REBUILD_BUDGET_BITS = 12
+RECONSTRUCTION_WARN = 1e-4
+PROBE_SIZE = 1024
 RUNS_ONCE = "reversible columns: backward through a reversible forward runs once (retain_graph is not supported)"
 NO_DOUBLE_BACKWARD = ("reversible columns: double backward (create_graph=True) is not supported; "
                       "use reversible=False for gradients of gradients")
@@ -32,26 +48,44 @@ def clamp_gamma(gamma: Tensor) -> Tensor:
     return torch.copysign(gamma.abs().clamp_min(GAMMA_MIN), gamma)
 
 
-class Column(nn.Module):
-    """One column: L level functions F_l and, after the first column, a channel-wise gamma per level.
+def check_gamma_init(gamma_init: float) -> None:
+    if abs(gamma_init) < GAMMA_MIN:
+        raise ValueError(f"gamma_init {gamma_init} is below the clamp |gamma| >= {GAMMA_MIN}")
 
-    A level function is called as ``F(low, high, **context)`` with ``high=None`` at the top level and in
-    the first column; it returns a tensor shaped like its level's state.
+
+def takes_high(column: int, level: int, num_levels: int) -> bool:
+    """Whether level ``level`` of column ``column`` reads the previous column's next level up."""
+    return column > 0 and level < num_levels - 1
+
+
+class Column(nn.Module):
+    """Column ``index``: L level functions F_l and, after the first column, a channel-wise gamma per level.
+
+    A level function is called as ``F(low, high, **context)`` with ``high=None`` where
+    :func:`takes_high` says so; it returns a tensor shaped like its level's state.
     """
 
     def __init__(self, levels: Sequence[nn.Module], gamma_shapes: Sequence[Sequence[int]], gamma_init: float,
-                 first: bool):
+                 index: int):
         super().__init__()
+        self.index = index
         self.levels = nn.ModuleList(levels)
-        self.gammas = None if first else nn.ParameterList(
+        self.gammas = None if index == 0 else nn.ParameterList(
             nn.Parameter(torch.full(tuple(shape), float(gamma_init))) for shape in gamma_shapes)
 
-    def level(self, l: int, x0: Tensor, states: List[Tensor], prev: Optional[List[Tensor]],
-              context: Dict) -> Tensor:
-        """x_l of this column, given this column's levels below l (``states``) and the previous column."""
+    def inputs(self, l: int, x0: Tensor, states: List[Tensor],
+               prev: Optional[List[Tensor]]) -> Tuple[Tensor, Optional[Tensor]]:
+        """The inputs of level l: this column's level below (the stem output for l = 0), and the previous
+        column's level above. ``states`` holds at least this column's levels below l, ``prev`` the previous
+        column's levels above l."""
         low = x0 if l == 0 else states[l - 1]
-        high = None if prev is None or l == len(self.levels) - 1 else prev[l + 1]
-        return self.shortcut(l, self.levels[l](low, high, **context), prev)
+        high = prev[l + 1] if takes_high(self.index, l, len(self.levels)) else None
+        return low, high
+
+    def f(self, l: int, low: Tensor, high: Optional[Tensor], context: Dict, dtype: torch.dtype) -> Tensor:
+        """F_l on copies of its inputs in the levels' compute ``dtype``; the result in the stream's dtype."""
+        y = self.levels[l](low.to(dtype), None if high is None else high.to(dtype), **context)
+        return y.to(STREAM_DTYPE)
 
     def shortcut(self, l: int, y: Tensor, prev: Optional[List[Tensor]]) -> Tensor:
         """x_l = F_l(...) + gamma_l * x_l^prev, given y = F_l(...); just y in the first column."""
@@ -65,13 +99,86 @@ class Column(nn.Module):
             raise ValueError(f"gamma of level {l} has shape {tuple(gamma.shape)}, which does not broadcast to the "
                              f"level's state {tuple(y.shape)}: gamma_shapes[{l}] is (C,) for channels-last states, "
                              f"(C, 1, 1) for NCHW maps")
-        return torch.addcmul(y, clamp_gamma(gamma), prev[l])  # y + gamma * x_prev, one kernel
+        return torch.addcmul(y, clamp_gamma(gamma).to(STREAM_DTYPE), prev[l])  # y + gamma * x_prev, one kernel
 
     def forward(self, x0: Tensor, prev: Optional[List[Tensor]], context: Dict) -> List[Tensor]:
         states: List[Tensor] = []
         for l in range(len(self.levels)):
-            states.append(self.level(l, x0, states, prev, context))
+            y = self.f(l, *self.inputs(l, x0, states, prev), context, x0.dtype)
+            states.append(self.shortcut(l, y, prev))
         return states
+
+    def amplification(self) -> Tensor:
+        """How much one inverse step through this column can magnify an error: max over levels of 1/|gamma|."""
+        return torch.stack([1.0 / clamp_gamma(g.detach()).abs().min() for g in self.gammas]).max()
+
+
+class ReconstructionError(NamedTuple):
+    """The worst rebuilt state of a backward: relative error ``error`` at ``column``, ``level``."""
+    error: float
+    column: int
+    level: int
+
+
+@lru_cache(maxsize=64)
+def _probe_index(numel: int, device: torch.device) -> Optional[Tensor]:
+    """PROBE_SIZE fixed positions of a flattened state (all of a small one): a private generator, so that
+    taking a probe never moves the global one that dropout draws from."""
+    if numel <= PROBE_SIZE:
+        return None
+    generator = torch.Generator().manual_seed(numel)
+    return torch.randperm(numel, generator=generator)[:PROBE_SIZE].to(device)
+
+
+def _probe(state: Tensor) -> Tensor:
+    flat = state.detach().reshape(-1)
+    index = _probe_index(flat.numel(), flat.device)
+    return flat.clone() if index is None else flat[index]
+
+
+class _Tape:
+    """What the columns of one reversible forward hand each other for backward.
+
+    ``rebuilt[c]``: column c's states and their gradients, put there by column c+1's backward. ``kept[c]``:
+    column c's exact states, kept in the forward because rebuilding them could magnify rounding past the
+    budget. ``probe``: a fixed sample of each of the first column's states. Backward measures what it rebuilt
+    (``errors``) where the rebuild's error is largest, at the end of each stretch of rebuilt columns: against
+    the kept states, and in the first column against the probe. Memory stays flat in the number of columns.
+    """
+
+    def __init__(self, owner: "ReversibleColumns", kept_columns: Set[int]):
+        self.owner = owner
+        self.kept_columns = kept_columns
+        self.rebuilt: Dict[int, Tuple[List[Tensor], List[Optional[Tensor]]]] = {}
+        self.kept: Dict[int, List[Optional[Tensor]]] = {}
+        self.probe: List[Optional[Tensor]] = []
+        self.errors: Dict[Tuple[int, int], Tensor] = {}
+
+    def record(self, c: int, states: List[Tensor]) -> None:
+        """In the forward: what backward will check column c's rebuild against, or restart from."""
+        if c in self.kept_columns:
+            self.kept[c] = [s.detach() for s in states]
+            note_kept_for_backward(self.kept[c])
+        elif c == 0:
+            self.probe = [_probe(s) for s in states]
+            note_kept_for_backward(self.probe)
+
+    def check(self, c: int, l: int, rebuilt: Tensor) -> Tensor:
+        """Measure rebuilt state (c, l) where there is something to measure it against; return the exact state
+        where one was kept, else the rebuilt one."""
+        if c in self.kept:
+            exact, self.kept[c][l] = self.kept[c][l], None
+            self.errors[c, l] = _relative_error(rebuilt, exact)
+            return exact
+        if c == 0:
+            probe, self.probe[l] = self.probe[l], None
+            self.errors[c, l] = _relative_error(_probe(rebuilt), probe)
+        return rebuilt
+
+
+def _relative_error(rebuilt: Tensor, exact: Tensor) -> Tensor:
+    """max |rebuilt - exact| / max |exact|, on the device: reading it is left to whoever wants the number."""
+    return (rebuilt - exact).abs().max() / exact.abs().max().clamp_min(torch.finfo(exact.dtype).tiny)
 
 
 class _RngState:
@@ -110,9 +217,9 @@ class _ReversibleColumn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, column: Column, tape: Dict, c: int, last: bool, keep_top: bool, context_plain: Dict,
-                context_keys: List[str], x0: Tensor, *tensors: Tensor):
-        n_ctx, L = len(context_keys), len(column.levels)
+    def forward(ctx, column: Column, tape: _Tape, last: bool, keep_top: bool, with_graph: bool,
+                context_plain: Dict, context_keys: List[str], x0: Tensor, *tensors: Tensor):
+        n_ctx, L, c = len(context_keys), len(column.levels), column.index
         context = dict(context_plain, **dict(zip(context_keys, tensors[:n_ctx])))
         prev = list(tensors[n_ctx:n_ctx + L]) if c > 0 else None
         device_type = x0.device.type
@@ -129,20 +236,27 @@ class _ReversibleColumn(torch.autograd.Function):
         keep_top = keep_top and any(ctx.needs_input_grad)  # with nothing to differentiate, no backward runs
         states: List[Tensor] = []
         with ctx.autocast:
-            for l in range(L - 1 if keep_top else L):
+            for l in range(L):
                 rng = _RngState(x0.device)
-                states.append(column.level(l, x0, states, prev, context))
+                low, high = column.inputs(l, x0, states, prev)
+                top = keep_top and l == L - 1
+                if with_graph or top:
+                    # As the recompute calls it: with grad, on inputs that require it. A compiled level then runs
+                    # the same kernels in both passes, so the recompute gives back the forward's F exactly.
+                    low = low.detach().requires_grad_()
+                    high = None if high is None else high.detach().requires_grad_()
+                    with torch.enable_grad():
+                        y = column.f(l, low, high, context, x0.dtype)
+                    if top:  # the last column's top level keeps its graph: see ReversibleColumns.keep_top_graph
+                        ctx.top = low, y
+                    y = y.detach()
+                else:
+                    y = column.f(l, low, high, context, x0.dtype)
+                states.append(column.shortcut(l, y, prev))
                 if rng.consumed():
                     ctx.rng[l] = rng
-            if keep_top:  # the last column's top level runs with autograd: see ReversibleColumns.keep_top_graph
-                low = states[L - 2].detach().requires_grad_()
-                with torch.enable_grad():
-                    y = column.levels[L - 1](low, None, **context)
-                ctx.top = low, y
-                states.append(column.shortcut(L - 1, y.detach(), prev))
-        ctx.column, ctx.tape, ctx.c, ctx.last = column, tape, c, last
+        ctx.column, ctx.tape, ctx.last = column, tape, last
         ctx.context_plain, ctx.context_keys = context_plain, context_keys
-        ctx.prev_dtypes = None if prev is None else [p.dtype for p in prev]
         ctx.params = list(tensors[n_ctx + (L if c > 0 else 0):])
         ctx.save_for_backward(x0, *tensors[:n_ctx])
         # The last column's outputs are kept as detached aliases, not saved tensors: a saved tensor lives at
@@ -152,6 +266,8 @@ class _ReversibleColumn(torch.autograd.Function):
         if last:
             ctx.outputs = [(s.detach(), s._version) for s in states]
             note_kept_for_backward(states)  # count_saved_bytes counts them as it would saved tensors
+        else:
+            tape.record(c, states)
         ctx.set_materialize_grads(False)  # a level nothing differentiates gets None, not a state-sized zero
         return tuple(states)
 
@@ -160,7 +276,8 @@ class _ReversibleColumn(torch.autograd.Function):
         if torch.is_grad_enabled():  # autograd enables grad mode in backward only for create_graph=True
             raise RuntimeError(NO_DOUBLE_BACKWARD)
         column: Column = ctx.column
-        L, n_ctx = len(column.levels), len(ctx.context_keys)
+        tape: _Tape = ctx.tape
+        c, L, n_ctx = column.index, len(column.levels), len(ctx.context_keys)
         saved = ctx.saved_tensors
         x0 = saved[0].detach()
         context = dict(ctx.context_plain, **dict(zip(ctx.context_keys, saved[1:1 + n_ctx])))
@@ -175,34 +292,38 @@ class _ReversibleColumn(torch.autograd.Function):
             ctx.outputs = None  # from here on, each state is freed once its level is rebuilt
             grads, own_states = list(grads), False  # the caller may still hold the outputs: not ours to overwrite
         else:
-            if ctx.c not in ctx.tape:
+            if c not in tape.rebuilt:
                 raise RuntimeError(RUNS_ONCE)
             # Rebuilt by the next column, and ours alone: states to overwrite, gradients to free once used.
             # (What autograd hands in here are stand-ins; see the end of this function.)
-            (states, grads), own_states, top = ctx.tape.pop(ctx.c), True, None
+            (states, grads), own_states, top = tape.rebuilt.pop(c), True, None
         index = {p: i for i, p in enumerate(ctx.params)}
         param_grads: List[Optional[Tensor]] = [None] * len(ctx.params)
-        prev = None if ctx.c == 0 else [None] * L  # the previous column, rebuilt top level first
+        prev = None if c == 0 else [None] * L  # the previous column, rebuilt top level first
         prev_grads: List[Optional[Tensor]] = [None] * L
         grad_x0 = None
 
-        with torch.enable_grad(), ctx.autocast:
+        with torch.enable_grad():
             for l in reversed(range(L)):
                 if top is not None:  # the last column's top level, its graph kept from the forward
                     (low, y), high, top = top, None, None
                 else:
-                    low = (x0 if l == 0 else states[l - 1]).detach().requires_grad_()
-                    high = None if prev is None or l == L - 1 else prev[l + 1].detach().requires_grad_()
-                    with ctx.rng[l].replayed() if l in ctx.rng else nullcontext():
-                        y = column.levels[l](low, high, **context)
+                    low, high = column.inputs(l, x0, states, prev)
+                    low = low.detach().requires_grad_()
+                    high = None if high is None else high.detach().requires_grad_()
+                    # Autocast covers the recompute only: the gradients are taken outside it, as autograd takes
+                    # them in plain mode, so that no backward formula is cast to another precision.
+                    with ctx.autocast, ctx.rng[l].replayed() if l in ctx.rng else nullcontext():
+                        y = column.f(l, low, high, context, x0.dtype)
                 grad = grads[l]
                 if prev is not None:
                     # The shortcut x_l = y + gamma * x_l^prev is inverted and differentiated by hand: autograd
-                    # would keep two more state-sized tensors (gamma * x_l^prev and the sum) for no gain.
-                    gamma = clamp_gamma(column.gammas[l])
+                    # would keep two more state-sized tensors (gamma * x_l^prev and the sum) for no gain. The
+                    # ops are those autograd runs for addcmul, so the gradients are the same to the bit.
+                    gamma = clamp_gamma(column.gammas[l]).to(STREAM_DTYPE)
                     with torch.no_grad():
                         rebuilt = states[l].sub_(y) if own_states else states[l] - y  # x_l is not needed again
-                        prev[l] = rebuilt.div_(gamma).to(ctx.prev_dtypes[l])
+                        prev[l] = tape.check(c - 1, l, rebuilt.div_(gamma))
                     if grad is not None:
                         prev_grads[l] = _add(prev_grads[l], grad * gamma.detach())
                         if column.gammas[l] in index:
@@ -215,7 +336,7 @@ class _ReversibleColumn(torch.autograd.Function):
                     continue
                 inputs = [low] + ([high] if high is not None else [])
                 level_params = [p for p in column.levels[l].parameters() if p in index]
-                got = torch.autograd.grad(y, inputs + level_params, grad.to(y.dtype), allow_unused=True)
+                got = torch.autograd.grad(y, inputs + level_params, grad, allow_unused=True)
                 del y, grad
                 got_inputs, got_params = got[:len(inputs)], got[len(inputs):]
                 if l == 0:
@@ -231,9 +352,10 @@ class _ReversibleColumn(torch.autograd.Function):
             # stand-ins (a scalar expanded to the state's shape), which keep the order of the backwards:
             # a gradient autograd passes into a backward stays alive until that backward returns, so the
             # real ones, passed this way, would be held all through the previous column's backward.
-            prev_grads = [None if g is None else g.to(dtype) for g, dtype in zip(prev_grads, ctx.prev_dtypes)]
-            ctx.tape[ctx.c - 1] = prev, prev_grads
+            tape.rebuilt[c - 1] = prev, prev_grads
             prev_grads = [None if g is None else g.new_zeros(()).expand(g.shape) for g in prev_grads]
+            if c == 1:  # column 0 is rebuilt: the last rebuild of this backward
+                tape.owner._finish_backward(tape.errors)
         return (None,) * 7 + (grad_x0,) + (None,) * n_ctx + (tuple(prev_grads) if prev is not None else ()) \
             + tuple(param_grads)
 
@@ -262,13 +384,20 @@ class ReversibleColumns(nn.Module):
             (``(C,)`` for channels-last tokens, ``(C, 1, 1)`` for NCHW feature maps).
         gamma_init: the constant gamma starts at.
         reversible: rebuild activations in backward (memory flat in N) instead of storing them
-            (plain autograd). Switching never changes the forward output.
+            (plain autograd). Switching never changes the forward output, nor the gradients.
         keep_top_graph: in reversible mode, run the last column's top level with autograd in the forward and
             keep its graph, so that backward starts from it instead of recomputing it: one level's recompute
             fewer (1/(N L) of them). It holds one level's activations from the forward to the backward. That
             is free when little runs after the columns (a classifier head): backward's first step would
             rebuild the same graph next to the same states. It is not free when a large network runs in
             between, such as a decoder, whose peak it adds to.
+        rebuild_budget_bits: in reversible mode, a column's states are kept for backward (L float64 states)
+            wherever rebuilding them from the next exact ones would magnify rounding by more than
+            ``2**rebuild_budget_bits`` (the product of 1/|gamma| over the columns in between). With the
+            default 12 no state is kept up to 12 columns at |gamma| >= 0.5; 0 keeps every column.
+
+    The level functions compute in the stem output's dtype (under the caller's autocast), the states are
+    carried in float64 between them, and the outputs are returned in the stem output's dtype.
 
     Keyword arguments of ``forward`` after the stem output (for example a padding mask) reach every level
     function unchanged; they must not need gradients. Levels with BatchNorm would update running
@@ -276,7 +405,8 @@ class ReversibleColumns(nn.Module):
     """
 
     def __init__(self, columns: Sequence[Sequence[nn.Module]], gamma_shapes: Sequence[Sequence[int]],
-                 gamma_init: float = 0.5, reversible: bool = True, keep_top_graph: bool = False):
+                 gamma_init: float = GAMMA_INIT, reversible: bool = True, keep_top_graph: bool = False,
+                 rebuild_budget_bits: int = REBUILD_BUDGET_BITS):
         super().__init__()
         if len(columns) < 1:
             raise ValueError(f"need at least 1 column, got {len(columns)}")
@@ -288,37 +418,97 @@ class ReversibleColumns(nn.Module):
                 raise ValueError(f"column {c} has {len(levels)} levels, column 0 has {num_levels}")
         if len(gamma_shapes) != num_levels:
             raise ValueError(f"got {len(gamma_shapes)} gamma shapes for {num_levels} levels")
-        if abs(gamma_init) < GAMMA_MIN:
-            raise ValueError(f"gamma_init {gamma_init} is below the clamp |gamma| >= {GAMMA_MIN}")
+        check_gamma_init(gamma_init)
+        if rebuild_budget_bits < 0:
+            raise ValueError(f"rebuild_budget_bits must be >= 0, got {rebuild_budget_bits}")
         self.num_levels = num_levels
         self.columns = nn.ModuleList(
-            Column(levels, gamma_shapes, gamma_init, first=(c == 0)) for c, levels in enumerate(columns))
+            Column(levels, gamma_shapes, gamma_init, index=c) for c, levels in enumerate(columns))
         self.reversible = reversible
         self.keep_top_graph = keep_top_graph
+        self.rebuild_budget_bits = rebuild_budget_bits
+        self.levels_compiled = False
+        self._errors: Dict[Tuple[int, int], Tensor] = {}
+        self._warned = False
+        self._reconstruction_hooks: Dict[int, Callable] = OrderedDict()  # RemovableHandle keeps a weak reference
 
     def forward(self, x0: Tensor, **context) -> List[Tensor]:
-        if self.reversible and torch.is_grad_enabled():
-            return self._forward_reversible(x0, context)
-        states = None
-        for column in self.columns:
-            states = column(x0, states, context)
-        return states
+        # Reversible only where a backward can follow: a frozen model under grad mode keeps nothing.
+        if self.reversible and torch.is_grad_enabled() and (
+                x0.requires_grad or any(p.requires_grad for p in self.parameters())):
+            states = self._forward_reversible(x0, context)
+        else:
+            states = None
+            for column in self.columns:
+                states = column(x0, states, context)
+        return [s.to(x0.dtype) for s in states]
 
     def compile_levels(self, **options) -> "ReversibleColumns":
         """Compile every level function in place with ``torch.compile(**options)``; the reversible machinery
-        around them stays eager, so gradients stay exact.
+        around them stays eager. The reversible forward then runs the levels as the recompute does (with
+        grad, on inputs that require it), so that both passes run the same compiled kernels.
 
         Random ops inside a level must draw from the global generator outside the compiled graphs, as the
         isotropic levels' DropPath and Dropout do; otherwise the backward's recompute cannot replay them.
         """
-        # A level compiles once per variant it meets: with or without a higher input, grad mode (the no-grad
-        # forward and the recompute), train or eval, with or without context tensors, static then dynamic
-        # shapes. Dynamo's default of 8 per function would silently leave the rest eager.
+        # A level compiles once per variant it meets: with or without a higher input, grad mode (eval and the
+        # recompute), train or eval, with or without context tensors, static then dynamic shapes. Dynamo's
+        # default of 8 per function would silently leave the rest eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for column in self.columns:
             for level in column.levels:
                 level.compile(**options)
+        self.levels_compiled = True
         return self
+
+    @property
+    def reconstruction_error(self) -> Optional[ReconstructionError]:
+        """The worst rebuilt state of the last reversible backward, relative to the forward's (max norm over a
+        fixed sample of each state); None before the first such backward with two columns or more.
+
+        Reading it warns once if the error is above 1e-4: the reversible gradients are then no longer those of
+        plain autograd (non-deterministic level kernels, say, or gammas too small for the budget).
+        """
+        if not self._errors:
+            return None
+        keys = list(self._errors)
+        errors = torch.stack([self._errors[k] for k in keys]).float().cpu()
+        worst = int(errors.argmax())
+        result = ReconstructionError(float(errors[worst]), *keys[worst])
+        if result.error > RECONSTRUCTION_WARN and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"reversible columns: the rebuilt state of column {result.column}, level {result.level} is "
+                f"{result.error:.1e} off the forward's (relative), above {RECONSTRUCTION_WARN:g}: reversible "
+                f"gradients differ from plain autograd's. Use deterministic level kernels, keep more states "
+                f"(a lower rebuild_budget_bits), a larger gamma_init, or reversible=False", stacklevel=2)
+        return result
+
+    def register_reconstruction_hook(self, hook: Callable[["ReversibleColumns"], None]) -> RemovableHandle:
+        """``hook(columns)`` runs at the end of every reversible backward that rebuilt a column, where
+        ``columns.reconstruction_error`` holds its result."""
+        handle = RemovableHandle(self._reconstruction_hooks)
+        self._reconstruction_hooks[handle.id] = hook
+        return handle
+
+    def _finish_backward(self, errors: Dict[Tuple[int, int], Tensor]) -> None:
+        self._errors = errors
+        for hook in self._reconstruction_hooks.values():
+            hook(self)
+
+    def _kept_columns(self) -> Set[int]:
+        """The columns whose states backward cannot rebuild within the budget: walking down from the last
+        column (kept as the outputs), the bound on the rebuild's error grows by 1/|gamma| per column."""
+        if len(self.columns) < 2:
+            return set()
+        growth = torch.stack([column.amplification() for column in self.columns[1:]]).log2().tolist()
+        kept, bits = set(), 0.0
+        for c in reversed(range(len(self.columns) - 1)):  # column c is rebuilt by column c + 1
+            bits += growth[c]
+            if bits > self.rebuild_budget_bits:
+                kept.add(c)
+                bits = 0.0
+        return kept
 
     def _forward_reversible(self, x0: Tensor, context: Dict) -> List[Tensor]:
         keys = [k for k, v in context.items() if isinstance(v, Tensor)]
@@ -327,11 +517,12 @@ class ReversibleColumns(nn.Module):
                 raise ValueError(f"keyword argument '{k}' requires grad, but reversible columns give keyword "
                                  f"arguments no gradient: detach it, or make it a parameter of a level")
         plain = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
-        tape: Dict = {}
+        tape = _Tape(self, self._kept_columns())
         states: List[Tensor] = []
         for c, column in enumerate(self.columns):
             params = [p for p in column.parameters() if p.requires_grad]
             last = c == len(self.columns) - 1
-            states = list(_ReversibleColumn.apply(column, tape, c, last, last and self.keep_top_graph, plain, keys,
-                                                  x0, *(context[k] for k in keys), *states, *params))
+            states = list(_ReversibleColumn.apply(column, tape, last, last and self.keep_top_graph,
+                                                  self.levels_compiled, plain, keys, x0,
+                                                  *(context[k] for k in keys), *states, *params))
         return states

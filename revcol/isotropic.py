@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .columns import ReversibleColumns
+from .columns import GAMMA_INIT, ReversibleColumns, takes_high
 
 LOGIT_SCALE_MAX = math.log(100.0)  # Swin V2 clamps the learnable attention temperature at 100
 
@@ -181,7 +181,7 @@ class IsotropicLevel(nn.Module):
 
 def isotropic_columns(dim: int, depths: Sequence[int], num_columns: int, num_heads: int, mlp_ratio: float = 4.0,
                       drop_path_rate: float = 0.0, dropout: float = 0.0, attn_dropout: float = 0.0,
-                      activation_dropout: float = 0.0, gamma_init: float = 0.5, reversible: bool = True,
+                      activation_dropout: float = 0.0, gamma_init: float = GAMMA_INIT, reversible: bool = True,
                       keep_top_graph: bool = False) -> ReversibleColumns:
     """Reversible columns of :class:`IsotropicLevel` over tokens (B, T, dim).
 
@@ -201,8 +201,7 @@ def isotropic_columns(dim: int, depths: Sequence[int], num_columns: int, num_hea
     for c in range(num_columns):
         levels = []
         for l, depth in enumerate(depths):
-            takes_high = c > 0 and l < len(depths) - 1
-            levels.append(IsotropicLevel(dim, depth, num_heads, takes_high, mlp_ratio,
+            levels.append(IsotropicLevel(dim, depth, num_heads, takes_high(c, l, len(depths)), mlp_ratio,
                                          rates[starts[l]:starts[l] + depth], dropout, attn_dropout,
                                          activation_dropout))
         columns.append(levels)

@@ -1,0 +1,209 @@
+"""Reversible gradients equal plain autograd's to the bit (the float64 stream and the kept columns), and the
+live gauge of reconstruction error."""
+import warnings
+from contextlib import contextmanager
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import revcol_vit  # noqa: F401  (registers the RevCol-ViT models with timm)
+from revcol import ReversibleColumns, isotropic_columns
+
+DROPOUTS = dict(drop_path_rate=0.2, dropout=0.1, attn_dropout=0.1, activation_dropout=0.1)
+
+
+def drive_gammas_down_(model, seed=0):
+    """Per-channel gammas of both signs with 0.1 <= |gamma| <= 0.2, as training might leave them: each inverse
+    step divides by 5 to 10, and none of them is a power of two."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gammas" in name:
+                sign = torch.randint(0, 2, p.shape, generator=generator).to(p.dtype) * 2 - 1
+                p.copy_(sign * (0.1 + 0.1 * torch.rand(p.shape, generator=generator)))
+    return model
+
+
+def step(model, stem, x, reversible, autocast=False):
+    """Outputs and every gradient (input, stem, columns) of one step with dropout on; the stem makes the columns'
+    input a non-leaf, as in the products (autocast caches its cast of a leaf, and sums that leaf's gradients in
+    bf16)."""
+    model.reversible = reversible
+    for m in (model, stem):
+        m.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        states = model(stem(x))
+    sum((s.float() * torch.linspace(-1, 1, s.numel()).view_as(s)).sum() for s in states).backward()
+    grads = {n: p.grad for n, p in [*stem.named_parameters("stem"), *model.named_parameters("columns")]}
+    return [s.detach() for s in states], dict(grads, x=x.grad)
+
+
+def assert_bit_identical(model, stem, x, autocast=False):
+    out_r, grads_r = step(model, stem, x, True, autocast)
+    out_p, grads_p = step(model, stem, x, False, autocast)
+    assert all(torch.equal(a, b) for a, b in zip(out_r, out_p))
+    assert grads_r.keys() == grads_p.keys()
+    for name, g in grads_p.items():
+        assert g is not None and torch.equal(grads_r[name], g), \
+            (name, (grads_r[name] - g).abs().max().item())
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16"])
+@pytest.mark.parametrize("gammas", ["default", "driven_down"])
+@pytest.mark.parametrize("num_columns", [2, 4, 8, 16, 20])
+def test_reversible_gradients_are_bit_identical_to_plain_autograd(num_columns, gammas, autocast):
+    torch.manual_seed(0)
+    model = isotropic_columns(16, [1, 1, 1, 1], num_columns, 2, **DROPOUTS)  # gamma_init 0.5, the default
+    if gammas == "driven_down":
+        drive_gammas_down_(model)
+    stem = nn.Linear(16, 16)
+    assert_bit_identical(model, stem, torch.randn(3, 8, 16), autocast)
+    kept = model._kept_columns()
+    assert len(kept) == {("default", 16): 1, ("default", 20): 1}.get((gammas, num_columns), len(kept))
+    if gammas == "driven_down" and num_columns >= 8:
+        assert kept, "rebuilding 7 or more columns at |gamma| <= 0.2 passes the budget: some must be kept"
+    assert model.reconstruction_error.error < 1e-12
+
+
+@pytest.mark.parametrize("name", ["revcol_vit_s", "revcol_vit_b_8x4"])
+def test_registered_vit_models_train_with_plain_autograds_gradients(name):
+    # The registered variants at their defaults (gamma_init 0.5, their drop path rates), 8 columns included.
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=32, num_classes=5)
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for reversible in (True, False):
+        model.reversible = reversible
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().logsumexp(-1).sum()
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n, g in grads[1].items():
+        assert torch.equal(grads[0][n], g), n
+
+
+def test_compiled_levels_keep_the_rebuild_exact():
+    # The reversible forward runs compiled levels as the recompute does, so both passes run the same kernels:
+    # what the backward rebuilds is the forward's state, at 8 columns with gammas of 0.1 to 0.2.
+    torch.manual_seed(0)
+    compiled = drive_gammas_down_(isotropic_columns(16, [1, 1, 1, 1], 8, 2, **DROPOUTS)).compile_levels()
+    stem, x = nn.Linear(16, 16), torch.randn(3, 8, 16)
+    _, rev = step(compiled, stem, x, True)
+    assert compiled.reconstruction_error.error < 1e-12
+    _, compiled_plain = step(compiled, stem, x, False)
+    for name, g in compiled_plain.items():
+        assert torch.equal(rev[name], g), name
+
+
+class Perturbed(nn.Module):
+    """A level whose recompute differs from its forward by a relative ``eps``, like a kernel that is not
+    deterministic; it ignores its higher input, so each level's rebuild error stands alone."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.linear, self.eps = nn.Linear(dim, dim), eps
+
+    def forward(self, low, high):
+        y = torch.tanh(self.linear(low))
+        return y * (1 + self.eps) if torch.is_grad_enabled() else y
+
+
+def perturbed_columns(num_columns, eps, **kwargs):
+    return ReversibleColumns([[Perturbed(8, eps) for _ in range(3)] for _ in range(num_columns)], [(8,)] * 3,
+                             **kwargs)
+
+
+def test_reconstruction_error_agrees_with_a_direct_computation():
+    torch.manual_seed(0)
+    model = perturbed_columns(2, 1e-6)
+    x = torch.randn(4, 8)
+    assert model.reconstruction_error is None
+    model(x)[-1].sum().backward()
+    got = model.reconstruction_error
+    # Column 1 is the last (kept exact): its recompute y' = (1 + eps) y rebuilds column 0 as (x^1 - y') / gamma.
+    with torch.no_grad():
+        col0 = model.columns[0](x, None, {})
+        col1 = model.columns[1](x, col0, {})
+        errors = []
+        for l in range(3):
+            low, high = model.columns[1].inputs(l, x, col1, col0)
+            with torch.enable_grad():  # perturbed as in the recompute, in float32
+                y = model.columns[1].f(l, low, high, {}, x.dtype)
+            rebuilt = (col1[l] - y) / model.columns[1].gammas[l].double()
+            errors.append(((rebuilt - col0[l]).abs().max() / col0[l].abs().max()).item())
+    level = max(range(3), key=errors.__getitem__)
+    assert (got.column, got.level) == (0, level)
+    assert got.error == pytest.approx(errors[level], rel=1e-6)
+    assert got.error > 1e-7
+
+
+@contextmanager
+def no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+def test_an_ill_conditioned_model_warns_once_naming_column_and_level_and_the_fixes():
+    torch.manual_seed(0)
+    model = perturbed_columns(3, 1e-3)
+    model(torch.randn(4, 8))[-1].sum().backward()
+    with pytest.warns(UserWarning) as record:
+        got = model.reconstruction_error
+    assert got.error > 1e-4
+    message = str(record[0].message)
+    assert f"column {got.column}, level {got.level} is {got.error:.1e} off" in message
+    for fix in ("deterministic level kernels", "rebuild_budget_bits", "gamma_init", "reversible=False"):
+        assert fix in message
+    model(torch.randn(4, 8))[-1].sum().backward()
+    with no_warning():
+        assert model.reconstruction_error.error > 1e-4  # once per model
+    torch.manual_seed(0)
+    healthy = perturbed_columns(3, 0.0)
+    healthy(torch.randn(4, 8))[-1].sum().backward()
+    with no_warning():
+        assert healthy.reconstruction_error.error == 0.0
+
+
+def test_reconstruction_hooks_run_after_each_backward_until_removed():
+    torch.manual_seed(0)
+    model = perturbed_columns(3, 1e-6)
+    seen = []
+    handle = model.register_reconstruction_hook(lambda columns: seen.append(columns.reconstruction_error))
+    model(torch.randn(4, 8))[-1].sum().backward()
+    model(torch.randn(4, 8))[-1].sum().backward()
+    assert len(seen) == 2 and all(0 < r.error < 1e-4 for r in seen)
+    handle.remove()
+    model(torch.randn(4, 8))[-1].sum().backward()
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("num_columns,gamma,budget,kept", [
+    (13, 0.5, 12, set()),      # 12 rebuilds at 1 bit each: within the budget
+    (14, 0.5, 12, {0}),        # the 13th rebuild passes it: column 0 is kept
+    (20, 0.5, 12, {6}),
+    (8, 0.1, 12, {3}),         # log2(10) = 3.3 bits a rebuild: 4 of them pass 12 bits
+    (4, 0.5, 0, {0, 1, 2}),    # budget 0: every column is kept
+    (4, 2.0, 0, set()),        # |gamma| > 1 shrinks errors: nothing to keep
+])
+def test_columns_are_kept_where_the_rebuild_would_pass_the_budget(num_columns, gamma, budget, kept):
+    model = perturbed_columns(num_columns, 0.0, gamma_init=gamma, rebuild_budget_bits=budget)
+    assert model._kept_columns() == kept
+
+
+def test_kept_columns_restart_the_rebuild_from_exact_states():
+    # With the perturbed recompute, the rebuild drifts; a kept column resets it, and backward measures there.
+    torch.manual_seed(0)
+    errors = {}
+    for budget in (12, 0):
+        torch.manual_seed(0)
+        model = perturbed_columns(4, 1e-6, gamma_init=0.3, rebuild_budget_bits=budget)
+        model(torch.randn(4, 8))[-1].sum().backward()
+        errors[budget] = model.reconstruction_error
+    assert errors[0].error < errors[12].error / 2, errors

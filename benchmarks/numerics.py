@@ -1,63 +1,163 @@
-"""How far reversible gradients drift from plain autograd as columns are added.
+"""Reversible against plain autograd: gradient exactness, and what the float64 stream costs.
 
-Each inverse step divides the forward's rounding error by gamma, and the rebuilt states of one level feed
-the next level's recompute, so the error grows with the number of columns; how fast depends on gamma.
-The figure is ||g_rev - g_plain|| / ||g_plain|| over all gradients, float32 unless stated, for
-  1. bare isotropic columns (dim 32, blocks (1, 1, 1, 1), 4 heads) on (4, 16, 32) inputs, and
-  2. the RevCol-ViT models at initialization on two 64x64 images (16 tokens), loss logsumexp(logits).
+The core carries the level states in float64 (``revcol.columns.STREAM_DTYPE``) and keeps a column's states
+where the rebuild could magnify rounding past ``2**rebuild_budget_bits``. Every table compares that stream
+with a stream in the levels' own dtype, the core as it was before (``--baseline`` patches the constant to
+float32 and turns the kept columns off), in one run on one machine:
 
-    python benchmarks/numerics.py
+  1. exactness: max |g_rev - g_plain| over all gradients (0 means bit-identical) and the relative norm,
+     bare isotropic columns (dim 32, blocks (1, 1, 1, 1), 4 heads, drop path and dropout on) on (4, 16, 32)
+     tokens behind a Linear stem, 2 to 20 columns, gamma 0.5 (the default) and gammas driven to 0.1-0.2;
+     float32 and CPU bf16 autocast; then the registered RevCol-ViT models at 224 px, batch 2;
+  2. memory: bytes kept for backward and the peak of live tensors over a training step (``PeakBytes``, what
+     CUDA's max_memory_allocated measures), RevCol-ViT-S columns over 196 tokens, 2 to 16 columns;
+  3. time: the median training step of RevCol-ViT-S.
+
+    python benchmarks/numerics.py > benchmarks/results/numerics.txt
 """
+import argparse
+import statistics
+import time
+from contextlib import contextmanager
 from datetime import date
 
 import timm
 import torch
+from torch import nn
 
+import revcol.columns
 import revcol_vit  # noqa: F401  (registers the RevCol-ViT models with timm)
-from revcol import isotropic_columns
+from revcol import PeakBytes, count_saved_bytes, isotropic_columns
+
+STREAMS = ("float64 (default)", "float32 (before)")
 
 
-def gradients(model, x, reversible):
+@contextmanager
+def stream(name):
+    """The core as it is (float64 stream, kept columns), or as it was (a stream in the levels' dtype). Models
+    built under it must take ``rebuild_budget_bits`` from the module's constant, which it patches."""
+    if name.startswith("float64"):
+        yield
+        return
+    dtype, budget = revcol.columns.STREAM_DTYPE, revcol.columns.REBUILD_BUDGET_BITS
+    revcol.columns.STREAM_DTYPE, revcol.columns.REBUILD_BUDGET_BITS = torch.float32, 10 ** 9
+    try:
+        yield
+    finally:
+        revcol.columns.STREAM_DTYPE, revcol.columns.REBUILD_BUDGET_BITS = dtype, budget
+
+
+def drive_gammas_down_(model):
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gammas" in name:
+                sign = torch.randint(0, 2, p.shape, generator=generator).to(p.dtype) * 2 - 1
+                p.copy_(sign * (0.1 + 0.1 * torch.rand(p.shape, generator=generator)))
+
+
+def gradients(model, run, reversible, bf16):
     model.reversible = reversible
     model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    states = model(x)
-    sum((s * torch.linspace(-1, 1, s.numel(), dtype=s.dtype).view_as(s)).sum() for s in states).backward()
-    return torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in model.parameters()])
-
-
-def model_gradients(model, x, reversible):
-    model.reversible = reversible
-    model.zero_grad(set_to_none=True)
-    model(x).logsumexp(-1).sum().backward()
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = run()
+    loss.backward()
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-def main():
-    print(f"# CPU, {date.today()}, torch {torch.__version__}")
-    columns = (2, 4, 8, 16)
-    print("| dtype | gamma | " + " | ".join(f"{n} columns" for n in columns) + " |")
-    print("|---|---|" + "---|" * len(columns))
-    for dtype in (torch.float32, torch.float64):
-        for gamma in (0.5, 1.0):
-            errors = []
-            for n in columns:
+def difference(model, run, bf16):
+    rev, plain = gradients(model, run, True, bf16), gradients(model, run, False, bf16)
+    return (rev - plain).abs().max().item(), ((rev - plain).norm() / plain.norm()).item()
+
+
+def exactness(columns):
+    print("\n## Exactness: max |g_rev - g_plain| (relative norm), bare columns\n")
+    print("| stream | autocast | gammas | " + " | ".join(f"{n} columns" for n in columns) + " |")
+    print("|---|---|---|" + "---|" * len(columns))
+    for name in STREAMS:
+        with stream(name):
+            for bf16 in (False, True):
+                for gammas in ("0.5", "0.1-0.2"):
+                    cells = []
+                    for n in columns:
+                        torch.manual_seed(0)
+                        model = nn.Sequential(nn.Linear(32, 32), isotropic_columns(
+                            32, [1, 1, 1, 1], n, 4, drop_path_rate=0.1, dropout=0.1))
+                        if gammas != "0.5":
+                            drive_gammas_down_(model)
+                        x = torch.randn(4, 16, 32)
+                        cols = model[1]
+                        cols.rebuild_budget_bits = revcol.columns.REBUILD_BUDGET_BITS
+
+                        def run():
+                            states = cols(model[0](x))
+                            return sum((s.float() * torch.linspace(-1, 1, s.numel()).view_as(s)).sum()
+                                       for s in states)
+
+                        cells.append("{:.1e} ({:.1e})".format(*difference(cols, run, bf16)))
+                    print(f"| {name} | {'bf16' if bf16 else 'none'} | {gammas} | " + " | ".join(cells) + " |")
+    print("\n## Exactness: registered models at 224 px, batch 2, bf16 autocast, loss logsumexp(logits)\n")
+    print("| stream | model | columns | gamma 0.5 | gammas 0.1-0.2 |\n|---|---|---|---|---|")
+    for name in STREAMS:
+        with stream(name):
+            for variant in ("revcol_vit_s", "revcol_vit_b_8x4"):
+                cells = []
+                for gammas in ("0.5", "0.1-0.2"):
+                    torch.manual_seed(0)
+                    model = timm.create_model(variant, num_classes=10)
+                    if gammas != "0.5":
+                        drive_gammas_down_(model)
+                    model.revcol.rebuild_budget_bits = revcol.columns.REBUILD_BUDGET_BITS
+                    x = torch.randn(2, 3, 224, 224)
+                    cells.append("{:.1e} ({:.1e})".format(
+                        *difference(model, lambda: model(x).float().logsumexp(-1).sum(), True)))
+                print(f"| {name} | {variant} | {len(model.revcol.columns)} | " + " | ".join(cells) + " |")
+
+
+def memory_and_time(columns, batch, steps):
+    print(f"\n## Memory and step time: RevCol-ViT-S columns (dim 224, blocks (2, 2, 2, 2)), batch {batch} x 196 "
+          f"tokens, bf16 autocast, reversible\n")
+    print("| stream | columns | kept columns | saved MiB | peak MiB | step ms |\n|---|---|---|---|---|---|")
+    for n in columns:
+        for name in STREAMS:
+            with stream(name):
                 torch.manual_seed(0)
-                model = isotropic_columns(32, [1, 1, 1, 1], n, 4, gamma_init=gamma).to(dtype)
-                x = torch.randn(4, 16, 32, dtype=dtype)
-                rev, plain = gradients(model, x, True), gradients(model, x, False)
-                errors.append(((rev - plain).norm() / plain.norm()).item())
-            print(f"| {str(dtype).split('.')[1]} | {gamma} | " + " | ".join(f"{e:.1e}" for e in errors) + " |")
-    print("\n| model | columns | gamma 0.5 | gamma 1.0 |\n|---|---|---|---|")
-    for name in ("revcol_vit_s", "revcol_vit_b_2x16", "revcol_vit_b_4x8", "revcol_vit_b_8x4"):
-        errors = []
-        for gamma in (0.5, 1.0):
-            torch.manual_seed(0)
-            model = timm.create_model(name, img_size=64, num_classes=10, gamma_init=gamma, drop_path_rate=0.0)
-            x = torch.randn(2, 3, 64, 64)
-            rev, plain = model_gradients(model, x, True), model_gradients(model, x, False)
-            errors.append(((rev - plain).norm() / plain.norm()).item())
-        print(f"| {name} | {len(model.revcol.columns)} | {errors[0]:.1e} | {errors[1]:.1e} |")
+                model = isotropic_columns(224, [2, 2, 2, 2], n, 4, drop_path_rate=0.1)
+                model.rebuild_budget_bits = revcol.columns.REBUILD_BUDGET_BITS
+                x = torch.randn(batch, 196, 224, requires_grad=True)
+
+                def step():
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        out = model(x)[-1]
+                    out.float().mean().backward()
+
+                step()  # allocates the gradients, which the measured step starts with
+                with count_saved_bytes() as saved:
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        model(x)
+                with PeakBytes(ignore=[x, x.grad, *model.parameters(), *(p.grad for p in model.parameters())]) as pk:
+                    step()
+                times = []
+                for _ in range(steps if n <= 4 else 0):
+                    start = time.perf_counter()
+                    step()
+                    times.append(time.perf_counter() - start)
+                ms = f"{1e3 * statistics.median(times):.0f}" if times else "-"
+                print(f"| {name} | {n} | {len(model._kept_columns())} | {saved.bytes / 2**20:.1f} | "
+                      f"{pk.peak / 2**20:.1f} | {ms} |", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--columns", default="2,4,8,16,20", help="column counts of the exactness table")
+    p.add_argument("--memory-columns", default="2,4,8,16")
+    p.add_argument("--batch", type=int, default=4, help="batch of the memory and time table")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (at 4 columns and fewer)")
+    args = p.parse_args()
+    print(f"# CPU ({torch.get_num_threads()} threads), {date.today()}, torch {torch.__version__}")
+    exactness([int(n) for n in args.columns.split(",")])
+    memory_and_time([int(n) for n in args.memory_columns.split(",")], args.batch, args.steps)
 
 
 if __name__ == "__main__":

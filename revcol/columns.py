@@ -20,10 +20,10 @@ resolution, the recompute sees the same inputs as the forward, and reversible gr
 autograd's. Each inverse step still divides the stream's own rounding by gamma; where that could add up to
 more than 2**rebuild_budget_bits since the last exact state, a column's states are kept for backward.
 """
+import math
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
-from functools import lru_cache
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
@@ -120,20 +120,14 @@ class ReconstructionError(NamedTuple):
     level: int
 
 
-@lru_cache(maxsize=64)
-def _probe_index(numel: int, device: torch.device) -> Optional[Tensor]:
-    """PROBE_SIZE fixed positions of a flattened state (all of a small one): a private generator, so that
-    taking a probe never moves the global one that dropout draws from."""
-    if numel <= PROBE_SIZE:
-        return None
-    generator = torch.Generator().manual_seed(numel)
-    return torch.randperm(numel, generator=generator)[:PROBE_SIZE].to(device)
-
-
 def _probe(state: Tensor) -> Tensor:
+    """min(numel, PROBE_SIZE) elements of a state, spread over it at a stride coprime with the channel count, so
+    that every channel is visited."""
     flat = state.detach().reshape(-1)
-    index = _probe_index(flat.numel(), flat.device)
-    return flat.clone() if index is None else flat[index]
+    stride = max(1, flat.numel() // PROBE_SIZE)
+    while math.gcd(stride, state.shape[-1]) != 1:
+        stride -= 1
+    return flat[::stride][:PROBE_SIZE].clone()
 
 
 class _Tape:

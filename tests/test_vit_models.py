@@ -191,7 +191,7 @@ def test_reversible_training_learns_held_out_task():
     assert model.reversible
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    for _ in range(25):
+    for _ in range(40):
         x, y = colour_images(32, generator)
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()

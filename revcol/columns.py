@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .memory import note_kept_for_backward
 
 GAMMA_MIN = 1e-3
+GAMMA_INIT = 0.5
 RUNS_ONCE = "reversible columns: backward through a reversible forward runs once (retain_graph is not supported)"
 NO_DOUBLE_BACKWARD = ("reversible columns: double backward (create_graph=True) is not supported; "
                       "use reversible=False for gradients of gradients")

@@ -6,7 +6,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from revcol import isotropic_columns
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.slow,  # torch.compile: up to a minute per test on 2 cores
+              pytest.mark.filterwarnings("ignore::UserWarning")]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 DROPOUTS = dict(drop_path_rate=0.3, dropout=0.1, attn_dropout=0.1, activation_dropout=0.1, gamma_init=1.0)
 

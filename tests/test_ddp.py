@@ -1,5 +1,6 @@
 """Reversible columns under DistributedDataParallel (gloo, 2 processes) equal one process on the whole batch."""
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -7,6 +8,8 @@ from helpers import rel_error
 from torch.nn.parallel import DistributedDataParallel
 
 from revcol import isotropic_columns
+
+pytestmark = pytest.mark.slow  # spawns processes
 
 BATCH, TOKENS, DIM = 8, 5, 16
 

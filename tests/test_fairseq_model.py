@@ -142,6 +142,7 @@ def test_reversible_and_plain_encoders_give_equal_gradients():
     assert saved_rev.bytes < saved_plain.bytes  # the reversible path ran: the columns kept no activations
 
 
+@pytest.mark.slow
 def test_compiled_encoder_levels_give_the_plain_gradients():
     # --revcol-compile with dropout, drop path and padding: compiled levels must replay the same masks.
     flags = ("--revcol-columns", "3", "--revcol-drop-path", "0.2", "--dropout", "0.2", "--revcol-gamma-init", "1")
@@ -385,6 +386,7 @@ def trained(tmp_path_factory):
     return workdir, workdir / "data-bin", workdir / "uninterrupted", logged_losses(output)
 
 
+@pytest.mark.slow
 def test_fairseq_train_copies_checkpoint_last_whole(trained):
     _, _, checkpoints, _ = trained
     assert sorted(os.listdir(checkpoints)) == ["checkpoint_1_3.pt", "checkpoint_2_6.pt", "checkpoint_last.pt"]
@@ -410,6 +412,7 @@ def test_checkpoint_copy_killed_midway_leaves_the_previous_checkpoint(tmp_path, 
     assert last.read_bytes() == new.read_bytes()
 
 
+@pytest.mark.slow
 def test_fairseq_train_checkpoint_holds_no_global_beyond_the_allowlist(trained):
     _, _, checkpoints, _ = trained
     path = checkpoints / "checkpoint_last.pt"
@@ -424,6 +427,7 @@ def test_fairseq_train_checkpoint_holds_no_global_beyond_the_allowlist(trained):
     assert state["cfg"].model.arch == "revcol_transformer_tiny"
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(trained):
     workdir, _, checkpoints, uninterrupted = trained
     assert sorted(uninterrupted) == [1, 2, 3, 4, 5, 6]
@@ -456,10 +460,12 @@ def generated(trained):
     return generate(trained)[0]
 
 
+@pytest.mark.slow
 def test_fairseq_generate_with_user_dir_translates_every_sentence(generated):
     assert sorted(generated) == list(range(24))
 
 
+@pytest.mark.slow
 def test_fairseq_generate_with_compiled_levels_matches_eager(trained, generated):
     """A checkpoint trained with --revcol-compile generates with compiled encoder levels (eval mode, no grad,
     a new source length in each of the three batches); here the override turns that on for an eager checkpoint."""
@@ -472,6 +478,7 @@ def test_fairseq_generate_with_compiled_levels_matches_eager(trained, generated)
         assert compiled[i][1] == pytest.approx(score, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_fairseq_generate_without_user_dir_fails_naming_the_checkpoint_global(trained):
     """Without the plugin nothing of ours runs: torch refuses the checkpoint's argparse.Namespace first
     (docs/fairseq.md says what this message means)."""
@@ -482,6 +489,7 @@ def test_fairseq_generate_without_user_dir_fails_naming_the_checkpoint_global(tr
     assert "Unsupported global: GLOBAL argparse.Namespace" in output
 
 
+@pytest.mark.slow
 def test_hub_interface_translates_as_fairseq_generate_does(trained, generated):
     workdir, data, checkpoints, _ = trained
     hub = RevColTransformerModel.from_pretrained(str(checkpoints), checkpoint_file="checkpoint_last.pt",

@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples" / "vit"))
 from make_digits import write_digits  # noqa: E402  (the example script that builds the toy data set)
 
+pytestmark = pytest.mark.slow  # launches torchrun and fairseq-train processes
+
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 TIMEOUT_S = 150
 

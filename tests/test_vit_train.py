@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples" / "vit"))
 from make_digits import write_digits  # noqa: E402  (the example script that builds the toy data set)
 
+pytestmark = pytest.mark.slow  # trains through the CLIs, some in subprocesses
+
 TOY_MODEL = ["--model", "revcol_vit_s", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32",
              "--num-heads", "2", "--depths", "1", "1", "1", "1", "--columns", "2", "--workers", "0"]
 # Every random augmentation off (and no stochastic depth), for runs that must match each other step for step.

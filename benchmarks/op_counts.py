@@ -20,6 +20,8 @@ import timm
 import torch
 from common import VIEW_OPS, VIT_MODELS, OpCounter, header
 
+import revcol_vit  # noqa: F401  (registers the RevCol-ViT models with timm)
+
 FAIRSEQ_ARCHS = ["transformer_wmt_en_de_big", "revcol_transformer"]
 
 

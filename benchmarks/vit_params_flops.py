@@ -55,8 +55,8 @@ def main():
         params, macs = measure(name, mlp_ratio=args.mlp_ratio)
         blocks = cfg["num_columns"] * sum(cfg["depths"])
         paper_params, paper_flops = PAPER[name]
-        print(f"| `{name}` | {cfg['columns']} | {cfg['depths']} | {blocks} | {params / 1e6:.1f}M | {macs / 1e9:.2f}G "
-              f"| {paper_params} | {paper_flops} |")
+        print(f"| `{name}` | {cfg['num_columns']} | {cfg['depths']} | {blocks} | {params / 1e6:.1f}M "
+              f"| {macs / 1e9:.2f}G | {paper_params} | {paper_flops} |")
 
 
 if __name__ == "__main__":

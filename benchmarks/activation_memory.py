@@ -16,32 +16,24 @@ workspaces: at commit b8be557 it estimated the largest-batch ratio at 3.40x wher
     python benchmarks/activation_memory.py                  # about 10 minutes on 2 CPU cores
 """
 import argparse
-import csv
 from contextlib import contextmanager
-from datetime import date
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
+from common import VIT_MODELS, header, print_table, write_csv
 
 import revcol_vit  # noqa: F401  (registers the RevCol-ViT models with timm)
 from revcol import PeakBytes
 
-MODELS = {  # label -> (timm name, kwargs)
-    "revcol_vit_s": ("revcol_vit_s", {}),
-    "revcol_vit_s plain": ("revcol_vit_s", {"reversible": False}),
-    "vit_small_patch16_224": ("vit_small_patch16_224", {}),
-    "revcol_vit_b": ("revcol_vit_b", {}),
-    "vit_base_patch16_224": ("vit_base_patch16_224", {}),
-}
 PAIRS = [("revcol_vit_s", "vit_small_patch16_224"), ("revcol_vit_s", "revcol_vit_s plain"),
          ("revcol_vit_b", "vit_base_patch16_224")]
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--models", default=",".join(VIT_MODELS))
     p.add_argument("--batches", default="8,16", help="two batch sizes: the slope gives the cost per image")
     p.add_argument("--amp", choices=["bf16", "none"], default="bf16")
     p.add_argument("--budget-gib", type=float, default=16.0)
@@ -114,7 +106,7 @@ def main():
     budget = args.budget_gib * 2**30
     rows = []
     for label in args.models.split(","):
-        name, kwargs = MODELS[label]
+        name, kwargs = VIT_MODELS[label]
         torch.manual_seed(0)
         model = timm.create_model(name, num_classes=1000, **kwargs).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -126,11 +118,8 @@ def main():
                      "MiB_per_image": per_image / 2**20, "intercept_MiB": fixed / 2**20, "state_MiB": state / 2**20,
                      "largest_batch": int((budget - state - fixed) // per_image)})
         print(rows[-1], flush=True)
-    title = (f"CPU with CUDA's LayerNorm and rms_norm, {date.today()}, torch {torch.__version__}, "
-             f"timm {timm.__version__}, amp {args.amp}")
-    print(f"\n# {title}\n| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
-    for r in rows:
-        print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    print(f"\n# {header('CPU with CUDA LayerNorm and rms_norm', f'timm {timm.__version__}', f'amp {args.amp}')}")
+    print_table(rows)
     by = {r["model"]: r for r in rows}
     for a, b in PAIRS:
         if a in by and b in by:
@@ -138,11 +127,7 @@ def main():
                   f"peak at batch {large} {by[a][f'peak_MiB_b{large}'] / by[b][f'peak_MiB_b{large}']:.3f}, "
                   f"largest batch in {args.budget_gib:g} GiB {by[a]['largest_batch'] / by[b]['largest_batch']:.2f}x")
     out = Path(args.out).with_suffix(".csv")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out)
     print(f"wrote {out}")
 
 

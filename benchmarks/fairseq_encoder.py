@@ -11,9 +11,8 @@
 
     python benchmarks/fairseq_encoder.py
 """
-from datetime import date
-
 import torch
+from common import header
 from fairseq import options, tasks
 
 from revcol import PeakBytes, count_saved_bytes
@@ -43,7 +42,7 @@ def half_precision_error(dtype, columns, gamma):
     prev = torch.randint(4, 1000, (3, 4), generator=torch.Generator().manual_seed(2))
 
     def grads(reversible):
-        model.encoder.columns.reversible = reversible
+        model.encoder.revcol.reversible = reversible
         model.zero_grad()
         logits, _ = model(src, torch.full((3,), 8), prev)
         logits.float().logsumexp(-1).sum().backward()
@@ -55,7 +54,7 @@ def half_precision_error(dtype, columns, gamma):
 
 def step_peak_mib(autocast, keep_top_graph=False):
     model = build("revcol_transformer").train()
-    model.encoder.columns.keep_top_graph = keep_top_graph
+    model.encoder.revcol.keep_top_graph = keep_top_graph
     src, prev = torch.randint(4, 1000, (2, 32, 32), generator=torch.Generator().manual_seed(1))
 
     def step():
@@ -71,7 +70,7 @@ def step_peak_mib(autocast, keep_top_graph=False):
 
 
 def main():
-    print(f"# CPU, {date.today()}, torch {torch.__version__}")
+    print(f"# {header('CPU')}")
     print("| columns | reversible MiB | plain MiB |\n|---|---|---|")
     for columns in (4, 8):
         print(f"| {columns} | {saved_mib(columns, True):.1f} | {saved_mib(columns, False):.0f} |")

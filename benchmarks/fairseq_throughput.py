@@ -14,10 +14,10 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
+from common import header
 
 GENERATORS = [  # (arch, compiled encoder levels): the checkpoint flag --revcol-compile compiles them in generation
     ("transformer_wmt_en_de_big", False),
@@ -83,7 +83,7 @@ def generation_speed(arch, compiled, args):
     torch.manual_seed(0)
     model = task.build_model(a).cuda().half().eval()
     if compiled:
-        model.encoder.columns.compile_levels()
+        model.encoder.revcol.compile_levels()
     generator = SequenceGenerator([model], task.target_dictionary, beam_size=4, max_len_a=0, max_len_b=SENT_LEN,
                                   min_len=SENT_LEN)
     d = task.source_dictionary
@@ -106,8 +106,8 @@ def main():
     assert torch.cuda.is_available(), "this benchmark measures GPU throughput"
     if args.log_dir:
         Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-    print(f"# {torch.cuda.get_device_name()}, {date.today()}, torch {torch.__version__}, fp16, dummy_mt "
-          f"dict {DICT_SIZE}, {SENT_LEN}-token sentences")
+    details = "fp16", f"dummy_mt dict {DICT_SIZE}", f"{SENT_LEN}-token sentences"
+    print(f"# {header(torch.cuda.get_device_name(), *details)}")
     print("| arch | precision | flags | params | max tokens | train words/s |\n|---|---|---|---|---|---|")
     train = {}
     for max_tokens in map(int, args.max_tokens.split(",")):

@@ -10,13 +10,12 @@ run adds columns and measures, for one training step (forward + backward):
     python benchmarks/memory.py --batch 64 --amp bf16    # GPU: all three, plus a PNG
 """
 import argparse
-import csv
 import statistics
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
+from common import header, print_table, write_csv
 
 from revcol import count_saved_bytes, isotropic_columns
 
@@ -96,14 +95,9 @@ def main():
     args.batch = args.batch or (64 if device.type == "cuda" else 2)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     rows = [measure(n, rev, args, device) for n in map(int, args.columns.split(",")) for rev in (True, False)]
-    title = (f"{name}, {date.today()}, torch {torch.__version__}\n"
-             f"amp {args.amp}, batch {args.batch}, dim {args.dim}, depths {args.depths}")
+    title = header(name) + f"\namp {args.amp}, batch {args.batch}, dim {args.dim}, depths {args.depths}"
     print("# " + title.replace("\n", ", "))
-    cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    print_table(rows)
     by = {(r["columns"], r["mode"]): r for r in rows}
     counts = sorted({r["columns"] for r in rows})
     key = "act_MiB" if device.type == "cuda" else "saved_MiB"
@@ -114,11 +108,7 @@ def main():
         ratios = [by[n, "reversible"]["step_ms"] / by[n, "plain"]["step_ms"] for n in counts]
         print("step time reversible / plain: " + ", ".join(f"{n} col {r:.2f}" for n, r in zip(counts, ratios)))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out.with_suffix(".csv"))
     plot(rows, out.with_suffix(".png"), title)
     print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
 

@@ -15,27 +15,14 @@ negligible, so the time is the host's, what a launch-bound GPU waits for.
 """
 import statistics
 import time
-from collections import Counter
-from datetime import date
 
 import timm
 import torch
-from activation_memory import MODELS as VIT_MODELS  # the same models, in the script beside this one
-from torch.utils._python_dispatch import TorchDispatchMode
+from common import VIEW_OPS, VIT_MODELS, OpCounter, header
+
+import revcol_vit  # noqa: F401  (registers the RevCol-ViT models with timm)
 
 FAIRSEQ_ARCHS = ["transformer_wmt_en_de_big", "revcol_transformer"]
-VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "detach", "unbind", "alias", "slice",
-            "select", "unsqueeze", "squeeze", "as_strided", "split", "reshape"}
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def count(step):
@@ -126,7 +113,7 @@ def generation_table():
 
 def main():
     torch.set_num_threads(1)
-    print(f"# {date.today()}, torch {torch.__version__}, timm {timm.__version__}: ATen ops per training step")
+    print(f"# {header('CPU and meta', f'timm {timm.__version__}')}: ATen ops per training step")
     print("| model | ops | ops without views |\n|---|---|---|")
     rows = {}
     for label in VIT_MODELS:

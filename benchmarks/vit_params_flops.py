@@ -53,10 +53,10 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for name, cfg in revcol_vit.VARIANTS.items():
         params, macs = measure(name, mlp_ratio=args.mlp_ratio)
-        blocks = cfg["columns"] * sum(cfg["depths"])
+        blocks = cfg["num_columns"] * sum(cfg["depths"])
         paper_params, paper_flops = PAPER[name]
-        print(f"| `{name}` | {cfg['columns']} | {cfg['depths']} | {blocks} | {params / 1e6:.1f}M | {macs / 1e9:.2f}G "
-              f"| {paper_params} | {paper_flops} |")
+        print(f"| `{name}` | {cfg['num_columns']} | {cfg['depths']} | {blocks} | {params / 1e6:.1f}M "
+              f"| {macs / 1e9:.2f}G | {paper_params} | {paper_flops} |")
 
 
 if __name__ == "__main__":

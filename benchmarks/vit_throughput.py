@@ -9,14 +9,13 @@ bisection to a multiple of 8), counting everything the step allocates.
     python benchmarks/vit_throughput.py                     # needs CUDA
 """
 import argparse
-import csv
 import statistics
 import time
-from datetime import date
 from pathlib import Path
 
 import timm
 import torch
+from common import header, write_csv
 
 import revcol_vit  # noqa: F401  (registers the RevCol-ViT models with timm)
 
@@ -117,9 +116,8 @@ def largest_batch(label, amp, budget):
 def main():
     args = parse_args()
     assert torch.cuda.is_available(), "this benchmark measures CUDA memory and time"
-    header = f"{torch.cuda.get_device_name()}, {date.today()}, torch {torch.__version__}, timm {timm.__version__}, " \
-             f"amp {args.amp}"
-    print(f"# {header}")
+    title = header(torch.cuda.get_device_name(), f"timm {timm.__version__}", f"amp {args.amp}")
+    print(f"# {title}")
     rows = []
     for label in args.models.split(","):
         trainer = Trainer(label, args.amp)
@@ -145,12 +143,8 @@ def main():
                           f"against vit_small: throughput {rev['img_per_s'] / vit['img_per_s']:.2f}, "
                           f"activation memory {rev['act_MiB'] / vit['act_MiB']:.2f}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    plot(rows, labels, out.with_suffix(".png"), header)
+    write_csv(rows, out.with_suffix(".csv"))
+    plot(rows, labels, out.with_suffix(".png"), title)
     budget = int(args.budget_gib * 2**30)
     for label in filter(None, args.budget_models.split(",")):
         print(f"largest batch within {args.budget_gib} GiB: {label} {largest_batch(label, args.amp, budget)}",

@@ -73,22 +73,22 @@ class CosineAttention(nn.Module):
     ``scaled_dot_product_attention`` (fused kernels on GPU) with scale 1.
     """
 
-    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, attn_dropout: float = 0.0, dropout: float = 0.0):
         super().__init__()
-        if dim % num_heads != 0:
+        if num_heads < 1 or dim % num_heads != 0:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
-        self.attn_drop = attn_drop
+        self.attn_dropout = attn_dropout
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = dropout_layer(proj_drop)
+        self.proj_drop = dropout_layer(dropout)
 
     def normalize_qk(self, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
         """q and k, shaped (B, heads, T, head_dim), rescaled so that q . k = temperature * cos(q, k)."""
         # Through RMS norms: rms_norm(q) . rms_norm(k) = head_dim * cos(q, k), so the temperature is divided
         # by head_dim. On GPU rms_norm is one fused kernel each way, where F.normalize launches three forward
-        # and over a dozen backward (benchmarks/cosine_attention.py). rms_norm computes in float32 even for
+        # and over a dozen backward (docs/benchmarks.md, Cosine attention). rms_norm computes in float32 even for
         # half-precision input, so its eps stays 1e-12 there and an all-zero (padding) vector stays zero.
         # That is also why CUDA autocast is off around it: autocast would first make float32 copies of q and k
         # and keep them for backward. q and k are normalized separately: one call on both breaks the
@@ -106,21 +106,21 @@ class CosineAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k = self.normalize_qk(q, k)
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        if self.attn_drop > 0.0 and self.training:
-            x = _attention_with_dropout(q, k, v, mask, self.attn_drop)
+        if self.attn_dropout > 0.0 and self.training:
+            x = _attention_with_dropout(q, k, v, mask, self.attn_dropout)
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, T, C)))
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, activation_drop: float = 0.0, drop: float = 0.0):
+    def __init__(self, dim: int, hidden: int, activation_dropout: float = 0.0, dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.drop1 = dropout_layer(activation_drop)
+        self.drop1 = dropout_layer(activation_dropout)
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = dropout_layer(drop)
+        self.drop2 = dropout_layer(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
@@ -129,14 +129,14 @@ class Mlp(nn.Module):
 class PostNormBlock(nn.Module):
     """Transformer block with the LayerNorm on each residual branch's output (Swin V2 res-post-norm)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
                  dropout: float = 0.0, attn_dropout: float = 0.0, activation_dropout: float = 0.0):
         super().__init__()
-        self.attn = CosineAttention(dim, num_heads, attn_drop=attn_dropout, proj_drop=dropout)
+        self.attn = CosineAttention(dim, num_heads, attn_dropout=attn_dropout, dropout=dropout)
         self.norm1 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), activation_drop=activation_dropout, drop=dropout)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), activation_dropout=activation_dropout, dropout=dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         x = x + self.drop_path(self.norm1(self.attn(x, key_padding_mask)))
@@ -163,13 +163,13 @@ class IsotropicLevel(nn.Module):
     """F_l: fusion, then ``depth`` post-LN blocks. Called as ``level(low, high, key_padding_mask=None)``."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, takes_high: bool, mlp_ratio: float = 4.0,
-                 drop_path: Sequence[float] = (), dropout: float = 0.0, attn_dropout: float = 0.0,
+                 drop_path_rates: Sequence[float] = (), dropout: float = 0.0, attn_dropout: float = 0.0,
                  activation_dropout: float = 0.0):
         super().__init__()
-        drop_path = list(drop_path) or [0.0] * depth
+        drop_path_rates = list(drop_path_rates) or [0.0] * depth
         self.fusion = LevelFusion(dim, takes_high)
         self.blocks = nn.ModuleList(
-            PostNormBlock(dim, num_heads, mlp_ratio, drop_path[i], dropout, attn_dropout, activation_dropout)
+            PostNormBlock(dim, num_heads, mlp_ratio, drop_path_rates[i], dropout, attn_dropout, activation_dropout)
             for i in range(depth))
 
     def forward(self, low: Tensor, high: Optional[Tensor], key_padding_mask: Optional[Tensor] = None) -> Tensor:
@@ -193,8 +193,6 @@ def isotropic_columns(dim: int, depths: Sequence[int], num_columns: int, num_hea
         raise ValueError(f"need at least 1 column, got {num_columns}")
     if len(depths) < 2 or any(d < 1 for d in depths):
         raise ValueError(f"depths must list at least 2 levels of at least 1 block each, got {tuple(depths)}")
-    if dim % num_heads != 0:
-        raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
     rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # also under a meta device
     starts = [sum(depths[:l]) for l in range(len(depths))]
     columns: List[List[IsotropicLevel]] = []

@@ -7,7 +7,7 @@ from fairseq.models import FairseqEncoder
 from fairseq.modules import FairseqDropout, LayerNorm, PositionalEmbedding
 from torch import Tensor, nn
 
-from revcol import isotropic_columns
+from revcol import GAMMA_INIT, isotropic_columns
 
 
 class RevColEncoder(FairseqEncoder):
@@ -19,11 +19,11 @@ class RevColEncoder(FairseqEncoder):
     as the final LayerNorm of fairseq's pre-norm encoder does.
     """
 
-    def __init__(self, dictionary, embed_tokens: nn.Embedding, *, blocks: Sequence[int], num_columns: int,
+    def __init__(self, dictionary, embed_tokens: nn.Embedding, *, depths: Sequence[int], num_columns: int,
                  num_heads: int, ffn_dim: int, max_source_positions: int, learned_pos: bool = False,
                  no_token_positional_embeddings: bool = False, no_scale_embedding: bool = False,
-                 layernorm_embedding: bool = False, dropout: float = 0.0, attention_dropout: float = 0.0,
-                 activation_dropout: float = 0.0, drop_path: float = 0.0, gamma_init: float = 0.5,
+                 layernorm_embedding: bool = False, dropout: float = 0.0, attn_dropout: float = 0.0,
+                 activation_dropout: float = 0.0, drop_path_rate: float = 0.0, gamma_init: float = GAMMA_INIT,
                  reversible: bool = True):
         super().__init__(dictionary)
         dim = embed_tokens.embedding_dim
@@ -37,10 +37,10 @@ class RevColEncoder(FairseqEncoder):
         self.dropout_module = FairseqDropout(dropout, module_name=self.__class__.__name__)
         # No keep_top_graph: the decoder runs between the encoder's forward and backward, and the kept graph
         # would add one level's activations to the decoder's peak.
-        self.columns = isotropic_columns(dim, blocks, num_columns, num_heads, mlp_ratio=ffn_dim / dim,
-                                         drop_path_rate=drop_path, dropout=dropout, attn_dropout=attention_dropout,
-                                         activation_dropout=activation_dropout, gamma_init=gamma_init,
-                                         reversible=reversible)
+        self.revcol = isotropic_columns(dim, depths, num_columns, num_heads, mlp_ratio=ffn_dim / dim,
+                                        drop_path_rate=drop_path_rate, dropout=dropout, attn_dropout=attn_dropout,
+                                        activation_dropout=activation_dropout, gamma_init=gamma_init,
+                                        reversible=reversible)
         self.layer_norm = LayerNorm(dim)
 
     def forward_embedding(self, src_tokens: Tensor):
@@ -57,7 +57,7 @@ class RevColEncoder(FairseqEncoder):
         has_pads = bool(padding_mask.any())
         x, embed = self.forward_embedding(src_tokens)
         x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        levels = self.columns(x, key_padding_mask=padding_mask if has_pads else None)
+        levels = self.revcol(x, key_padding_mask=padding_mask if has_pads else None)
         x = self.layer_norm(levels[-1]).masked_fill(padding_mask.unsqueeze(-1), 0.0)
         return {
             "encoder_out": [x.transpose(0, 1)],  # T x B x C

@@ -11,7 +11,7 @@ from typing import List
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerModel, base_architecture
 
-from revcol import GAMMA_MIN
+from revcol import GAMMA_INIT, GAMMA_MIN
 
 from .encoder import RevColEncoder
 
@@ -114,19 +114,19 @@ class RevColTransformerModel(TransformerModel):
         check_args(args)
         model = super().build_model(args, task)
         if args.revcol_compile:
-            model.encoder.columns.compile_levels()
+            model.encoder.revcol.compile_levels()
         return model
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
         return RevColEncoder(
-            src_dict, embed_tokens, blocks=parse_blocks(cfg.revcol_blocks), num_columns=cfg.revcol_columns,
+            src_dict, embed_tokens, depths=parse_blocks(cfg.revcol_blocks), num_columns=cfg.revcol_columns,
             num_heads=cfg.encoder.attention_heads, ffn_dim=cfg.encoder.ffn_embed_dim,
             max_source_positions=cfg.max_source_positions, learned_pos=cfg.encoder.learned_pos,
             no_token_positional_embeddings=cfg.no_token_positional_embeddings,
             no_scale_embedding=cfg.no_scale_embedding, layernorm_embedding=cfg.layernorm_embedding,
-            dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-            activation_dropout=cfg.activation_dropout, drop_path=cfg.revcol_drop_path,
+            dropout=cfg.dropout, attn_dropout=cfg.attention_dropout,
+            activation_dropout=cfg.activation_dropout, drop_path_rate=cfg.revcol_drop_path,
             gamma_init=cfg.revcol_gamma_init, reversible=cfg.revcol_reversible)
 
 
@@ -140,7 +140,7 @@ def base_revcol_architecture(args):
     args.revcol_columns = getattr(args, "revcol_columns", 4)
     args.revcol_blocks = getattr(args, "revcol_blocks", "1,1,1,1")
     args.revcol_reversible = getattr(args, "revcol_reversible", True)
-    args.revcol_gamma_init = getattr(args, "revcol_gamma_init", 0.5)
+    args.revcol_gamma_init = getattr(args, "revcol_gamma_init", GAMMA_INIT)
     args.revcol_drop_path = getattr(args, "revcol_drop_path", 0.0)
     args.revcol_compile = getattr(args, "revcol_compile", False)
     args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 768)

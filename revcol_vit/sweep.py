@@ -14,30 +14,17 @@ import copy
 import os
 from typing import Any, Dict, List, Optional
 
-import matplotlib
 import torch
+from matplotlib.figure import Figure
 from torch.utils.flop_counter import FlopCounterMode
 
 from revcol import PeakBytes, write_atomically
 
 from .config import UsageError
-from .revcol_vit import VARIANTS
-from .train import (
-    CHECKPOINT_NAME,
-    build_parser,
-    count_parameters,
-    create_model,
-    list_classes,
-    model_kwargs,
-    parse_args,
-    run_cli,
-    setup_distributed,
-    train,
-    write_csv,
-)
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from .data import list_classes
+from .model import VARIANTS
+from .runtime import CHECKPOINT_NAME, count_parameters, create_model, run_cli, setup_distributed, write_csv
+from .train import build_parser, model_kwargs, parse_args, train
 
 SWEEP_VARIANTS = ("1x32", "2x16", "4x8", "8x4")
 
@@ -92,7 +79,8 @@ def measure(args, num_classes: int, history: List[Dict[str, Any]]) -> Dict[str, 
 
 
 def plot(rows: List[Dict[str, Any]], title: str, path: str) -> None:
-    fig, (ax, table_ax) = plt.subplots(2, 1, figsize=(7, 6.5), gridspec_kw=dict(height_ratios=(3, 1.4)))
+    fig = Figure(figsize=(7, 6.5))  # not pyplot: no global figure or display backend to manage
+    ax, table_ax = fig.subplots(2, 1, gridspec_kw=dict(height_ratios=(3, 1.4)))
     columns = [r["columns"] for r in rows]
     top1 = [r["top1"] for r in rows]
     ax.plot(columns, top1, "o-")
@@ -117,7 +105,6 @@ def plot(rows: List[Dict[str, Any]], title: str, path: str) -> None:
                   transform=table_ax.transAxes, fontsize=9)
     fig.tight_layout()
     write_atomically(lambda tmp: fig.savefig(tmp, format="png", dpi=120), path)
-    plt.close(fig)
 
 
 def sweep(args) -> List[Dict[str, Any]]:
@@ -139,7 +126,7 @@ def sweep(args) -> List[Dict[str, Any]]:
             continue
         config = VARIANTS[run.model]
         last = history[-1]
-        row = dict(variant=variant, model=run.model, columns=config["columns"],
+        row = dict(variant=variant, model=run.model, columns=config["num_columns"],
                    blocks_per_column=sum(config["depths"]), epochs=last["epoch"], top1=last["val_top1"],
                    top5=last["val_top5"], best_top1=max(r["val_top1"] for r in history))
         if "ema_top1" in last:

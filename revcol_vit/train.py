@@ -8,48 +8,61 @@ with a checkpoint (model, optimizer, scheduler, EMA, grad scaler, RNG states of 
 continues from exactly: the data order of an epoch depends only on the seed and the epoch.
 """
 import argparse
-import csv
 import logging
 import math
 import os
-import random
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
-import numpy as np
-import timm
 import torch
-import torch.distributed as dist
-from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_dataset, create_transform
-from timm.data.readers.img_extensions import get_img_extensions
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, accuracy, natural_key
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from revcol import load_plain_checkpoint, write_atomically
-
 from .config import IMAGENET_1K, UsageError, load_yaml_recipe
+from .data import (
+    DEFAULT_WORKERS,
+    eval_loader,
+    eval_transform,
+    image_folder,
+    list_classes,
+    train_loader,
+    train_transform,
+)
+from .runtime import (
+    AMP_DTYPES,
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    Dist,
+    all_reduce_sum,
+    all_rng_states,
+    compile_model,
+    count_parameters,
+    create_model,
+    evaluate,
+    load_checkpoint,
+    run_cli,
+    save_checkpoint,
+    seed_all,
+    set_rng_state,
+    setup_distributed,
+    tensorboard_writer,
+    write_csv,
+)
 
 _logger = logging.getLogger("revcol_vit.train")
 
-CHECKPOINT_NAME = "checkpoint.pth"
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "ema", "step", "epoch", "args", "model_kwargs",
-                   "classes", "history", "rng")  # what train() writes, and validate() and --resume read
-LOG_NAME = "log.csv"
-DEFAULT_WORKERS = min(8, os.cpu_count() or 1)  # data loading processes per rank
-IMAGE_EXTENSIONS = get_img_extensions(as_set=True)  # what timm's folder reader loads
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-MODEL_KWARGS = ("embed_dim", "num_heads", "patch_size", "columns", "depths", "reversible")
+# Model flags and the keyword arguments of the RevCol-ViT models they set.
+MODEL_FLAGS = dict(embed_dim="embed_dim", num_heads="num_heads", patch_size="patch_size", columns="num_columns",
+                   depths="depths", drop_path="drop_path_rate", reversible="reversible")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,202 +135,22 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
     return parser.parse_args(argv)
 
 
-# --- data ---------------------------------------------------------------------------------------------------------
-
-def _posterize_increasing(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
-    """RandAugment's increasing posterize keeps 0 bits at magnitude 10, which m9 with magnitude noise reaches.
-    Pillow >= 12 rejects 0 bits; older Pillow, which the paper's recipe ran on, returned a black image."""
-    if bits_to_keep == 0:
-        return Image.new(img.mode, img.size)
-    return auto_augment.posterize(img, bits_to_keep, **kwargs)
-
-
-auto_augment.NAME_TO_OP["PosterizeIncreasing"] = _posterize_increasing
-
-
-def list_classes(root: str, splits: Sequence[str] = ("train", "val")) -> List[str]:
-    """The class folders of each split of ``root``: none empty, and the same in every split.
-
-    timm's folder reader numbers only the classes it finds images for, so an empty class folder would shift every
-    later label; it is an error here instead.
-    """
-    if not os.path.isdir(root):
-        raise UsageError(f"data directory {root} does not exist")
-    classes = {}
-    for split in splits:
-        folder = os.path.join(root, split)
-        if not os.path.isdir(folder):
-            raise UsageError(f"data directory {root} has no {split}/ folder (expected {split}/<class>/<image>)")
-        names = sorted((d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))), key=natural_key)
-        if not names:
-            raise UsageError(f"{folder} has no class folders")
-        for name in names:
-            files = os.scandir(os.path.join(folder, name))
-            if not any(os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS for entry in files):
-                raise UsageError(f"class folder {os.path.join(folder, name)} has no images")
-        classes[split] = names
-    first, *others = splits
-    for split in others:
-        if classes[split] != classes[first]:
-            differ = sorted(set(classes[first]) ^ set(classes[split]))
-            raise UsageError(f"{first}/ and {split}/ of {root} have different classes: {', '.join(differ[:5])}")
-    return classes[first]
-
-
-def build_transform(args, is_training: bool):
-    aa = None if args.aa in (None, "none") else args.aa
-    return create_transform(args.img_size, is_training=is_training, scale=tuple(args.scale), ratio=tuple(args.ratio),
-                            hflip=args.hflip, color_jitter=None, auto_augment=aa, interpolation=args.interpolation,
-                            re_prob=args.reprob, re_mode="pixel", crop_pct=args.crop_pct,
-                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-
-
-def build_eval_loader(args, split: str, rank: int, world_size: int, batch_size: int) -> DataLoader:
-    """Each rank takes every world_size-th image, so the ranks together see every image exactly once."""
-    dataset = create_dataset("", root=os.path.join(args.data, split), search_split=False,
-                             transform=build_transform(args, False))
-    shard = Subset(dataset, range(rank, len(dataset), world_size))
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=args.workers,
-                      pin_memory=torch.cuda.is_available())
-
-
-# --- model --------------------------------------------------------------------------------------------------------
-
 def model_kwargs(args, num_classes: int) -> Dict[str, Any]:
     """Keyword arguments for ``timm.create_model``: only the sizes that were set, so the model keeps its own."""
     kwargs = dict(num_classes=num_classes, img_size=args.img_size)
-    if args.drop_path is not None:
-        kwargs["drop_path_rate"] = args.drop_path
-    for name in MODEL_KWARGS:
-        value = getattr(args, name)
+    for flag, name in MODEL_FLAGS.items():
+        value = getattr(args, flag)
         if value is not None:
             kwargs[name] = tuple(value) if isinstance(value, list) else value
     return kwargs
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    if not timm.is_model(name):
-        revcol = ", ".join(timm.list_models("revcol_vit*"))
-        raise UsageError(f"unknown model '{name}' (RevCol-ViT models: {revcol or 'none registered'})")
-    try:
-        return timm.create_model(name, **kwargs)
-    except (TypeError, ValueError) as e:  # sizes that do not fit together, or an option the model does not take
-        raise UsageError(f"model {name} cannot be built with {kwargs}: {e}") from None
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-# --- distributed ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: Optional[str]) -> Dist:
-    """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); nccl on CUDA, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank() if world_size > 1 else 0, world_size, device)
-
-
-def all_reduce_sum(values: List[float], d: Dist) -> List[float]:
-    if d.world_size == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def rng_state(device: torch.device) -> Dict[str, Any]:
-    # NumPy's state as plain types, so that checkpoints load with torch.load(weights_only=True).
-    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian))
-    state = dict(python=random.getstate(), numpy=numpy_state, torch=torch.get_rng_state())
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def all_rng_states(d: Dist) -> List[Dict[str, Any]]:
-    """Every rank's RNG states (ranks draw different augmentations), gathered for rank 0's checkpoint."""
-    state = rng_state(d.device)
-    if d.world_size == 1:
-        return [state]
-    states = [None] * d.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-# --- checkpoints and logs -------------------------------------------------------------------------------------------
-
-def write_csv(rows: List[Dict[str, Any]], path: str) -> None:
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    write_atomically(write, path)
-
-
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    try:
-        ckpt = load_plain_checkpoint(path)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
-    if missing:
-        raise UsageError(f"checkpoint {path} was not written by revcol_vit.train (it lacks {', '.join(missing)})")
-    return ckpt
-
-
-# --- training -------------------------------------------------------------------------------------------------------
-
-def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp_dtype: Optional[torch.dtype]) -> Dict[str, float]:
-    """Cross-entropy, top-1 and top-5 (%) over the whole split, summed across ranks."""
-    model.eval()
-    loss_sum = top1_sum = top5_sum = count = 0.0
-    with torch.no_grad():
-        for images, targets in loader:
-            images, targets = images.to(d.device), targets.to(d.device)
-            with torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(images)
-            logits = logits.float()
-            top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))
-            n = images.shape[0]
-            loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-            top1_sum += top1.item() * n
-            top5_sum += top5.item() * n
-            count += n
-    loss_sum, top1_sum, top5_sum, count = all_reduce_sum([loss_sum, top1_sum, top5_sum, count], d)
-    return dict(loss=loss_sum / count, top1=top1_sum / count, top5=top5_sum / count)
+def build_transforms(args):
+    """(train, eval) transforms of the recipe in ``args``."""
+    train = train_transform(args.img_size, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+                            auto_augment_policy=None if args.aa in (None, "none") else args.aa,
+                            interpolation=args.interpolation, reprob=args.reprob)
+    return train, eval_transform(args.img_size, interpolation=args.interpolation, crop_pct=args.crop_pct)
 
 
 def check_batch(args, d: Dist) -> int:
@@ -443,28 +276,24 @@ def train(args) -> List[Dict[str, Any]]:
                          f"or train into another --output")
     classes = list_classes(args.data)
     kwargs = model_kwargs(args, len(classes))
-    random.seed(args.seed + d.rank)
-    np.random.seed(args.seed + d.rank)
+    seed_all(args.seed + d.rank)  # ranks draw different augmentations
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = create_model(args.model, **kwargs).to(d.device)
     torch.manual_seed(args.seed + d.rank)
 
-    train_set = create_dataset("", root=os.path.join(args.data, "train"), search_split=False,
-                               transform=build_transform(args, True))
-    # The sampler's permutation depends only on (seed, epoch), which makes a resumed epoch see the same data.
-    sampler = DistributedSampler(train_set, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
-    train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, num_workers=args.workers,
-                              drop_last=True, pin_memory=d.device.type == "cuda")
-    updates_per_epoch = len(train_loader) // args.accum_steps
+    train_tf, eval_tf = build_transforms(args)
+    train_set = image_folder(args.data, "train", train_tf)
+    pin_memory = d.device.type == "cuda"
+    loader = train_loader(train_set, seed=args.seed, rank=d.rank, world_size=d.world_size, batch_size=micro_batch,
+                          workers=args.workers, pin_memory=pin_memory)
+    updates_per_epoch = len(loader) // args.accum_steps
     if updates_per_epoch == 0:
         raise UsageError(f"{len(train_set)} training images do not fill one batch of {args.batch_size}")
-    val_loader = build_eval_loader(args, "val", d.rank, d.world_size, micro_batch)
+    val_loader = eval_loader(image_folder(args.data, "val", eval_tf), rank=d.rank, world_size=d.world_size,
+                             batch_size=micro_batch, workers=args.workers, pin_memory=pin_memory)
     t = build_training(args, model, updates_per_epoch, d.device)
-    if args.compile and hasattr(model, "revcol"):  # after the EMA copy is taken: that copy stays eager
-        model.revcol.compile_levels()
-    elif args.compile:
-        model.compile()
+    if args.compile:  # after the EMA copy is taken: that copy stays eager
+        compile_model(model)
     mixup, criterion = build_loss(args, len(classes))
 
     start_epoch, history = 0, []
@@ -483,25 +312,25 @@ def train(args) -> List[Dict[str, Any]]:
     writer = None
     if d.is_main:
         os.makedirs(args.output, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
-        writer = SummaryWriter(os.path.join(args.output, "tensorboard"), purge_step=t.num_updates or None)
+        writer = tensorboard_writer(os.path.join(args.output, "tensorboard"), purge_step=t.num_updates or None)
         _logger.info("%s: %.2fM parameters, %d classes, peak lr %.3g for batch %d (%d ranks x %d accumulation x %d)",
                      args.model, count_parameters(model) / 1e6, len(classes), peak_lr(args), args.batch_size,
                      d.world_size, args.accum_steps, micro_batch)
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
 
+    amp_dtype = AMP_DTYPES[args.amp]
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
-        sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         num_micro_batches = updates_per_epoch * args.accum_steps
-        train_loss = train_one_epoch(t, ddp_model, islice(train_loader, num_micro_batches), num_micro_batches,
+        train_loss = train_one_epoch(t, ddp_model, islice(loader, num_micro_batches), num_micro_batches,
                                      mixup, criterion, args, d, writer, desc=f"epoch {epoch + 1}/{args.epochs}")
-        val = evaluate(model, val_loader, d, AMP_DTYPES[args.amp])
+        val = evaluate(model, val_loader, d, amp_dtype)
         row = dict(epoch=epoch + 1, step=t.num_updates, lr=t.lr, train_loss=train_loss, val_loss=val["loss"],
                    val_top1=val["top1"], val_top5=val["top5"])
         if t.ema is not None:
-            ema_val = evaluate(t.ema.module, val_loader, d, AMP_DTYPES[args.amp])
+            ema_val = evaluate(t.ema.module, val_loader, d, amp_dtype)
             row.update(ema_top1=ema_val["top1"], ema_top5=ema_val["top5"])
         if d.device.type == "cuda":
             row["peak_memory_mb"] = torch.cuda.max_memory_allocated(d.device) / 2**20
@@ -510,9 +339,8 @@ def train(args) -> List[Dict[str, Any]]:
 
         rng = all_rng_states(d)  # after the epoch's last random draw: the next epoch starts from here
         if d.is_main:
-            state = dict(t.state_dict(), epoch=epoch + 1, args=vars(args), model_kwargs=kwargs, classes=classes,
-                         history=history, rng=rng)
-            write_atomically(lambda tmp: torch.save(state, tmp), checkpoint)
+            save_checkpoint(dict(t.state_dict(), epoch=epoch + 1, args=vars(args), model_kwargs=kwargs,
+                                 classes=classes, history=history, rng=rng), checkpoint)
             write_csv(history, os.path.join(args.output, LOG_NAME))
             for key in ("val_loss", "val_top1", "val_top5", "ema_top1", "ema_top5"):
                 if key in row:
@@ -524,21 +352,6 @@ def train(args) -> List[Dict[str, Any]]:
     if writer is not None:
         writer.close()
     return history
-
-
-def run_cli(main_fn, argv: Optional[List[str]]) -> None:
-    """Runs a CLI body, printing bad input as one ``error:`` line (exit status 2) instead of a traceback."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if int(os.environ.get("RANK", 0)) != 0:
-        logging.getLogger().setLevel(logging.WARNING)
-    try:
-        main_fn(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def main(argv: Optional[List[str]] = None) -> None:

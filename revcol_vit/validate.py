@@ -10,17 +10,8 @@ import argparse
 from typing import Dict, List, Optional
 
 from .config import UsageError
-from .train import (
-    AMP_DTYPES,
-    DEFAULT_WORKERS,
-    build_eval_loader,
-    create_model,
-    evaluate,
-    list_classes,
-    load_checkpoint,
-    run_cli,
-    setup_distributed,
-)
+from .data import DEFAULT_WORKERS, eval_loader, eval_transform, image_folder, list_classes
+from .runtime import AMP_DTYPES, create_model, evaluate, load_checkpoint, run_cli, setup_distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args) -> Dict[str, float]:
     ckpt = load_checkpoint(args.checkpoint)
-    trained = argparse.Namespace(**ckpt["args"])
-    if args.model != trained.model:
-        raise UsageError(f"checkpoint {args.checkpoint} holds {trained.model}, not {args.model}")
+    trained = ckpt["args"]
+    if args.model != trained["model"]:
+        raise UsageError(f"checkpoint {args.checkpoint} holds {trained['model']}, not {args.model}")
     if args.ema and ckpt["ema"] is None:
         raise UsageError(f"checkpoint {args.checkpoint} has no EMA weights (trained with --ema-decay 0)")
     classes = list_classes(args.data, splits=(args.split,))
@@ -52,8 +43,10 @@ def validate(args) -> Dict[str, float]:
     model = create_model(args.model, **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["ema"] if args.ema else ckpt["model"])
     model.to(d.device)
-    eval_args = argparse.Namespace(**{**vars(trained), "data": args.data, "workers": args.workers})
-    loader = build_eval_loader(eval_args, args.split, d.rank, d.world_size, args.batch_size)
+    transform = eval_transform(trained["img_size"], interpolation=trained["interpolation"],
+                               crop_pct=trained["crop_pct"])
+    loader = eval_loader(image_folder(args.data, args.split, transform), rank=d.rank, world_size=d.world_size,
+                         batch_size=args.batch_size, workers=args.workers, pin_memory=d.device.type == "cuda")
     metrics = evaluate(model, loader, d, AMP_DTYPES[args.amp])
     if d.is_main:
         weights = "EMA" if args.ema else "model"

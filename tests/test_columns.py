@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from helpers import rel_error
 from torch import nn
 
 import revcol.columns
@@ -70,20 +71,16 @@ def grads_of(model, x, reversible, seed=0, **context):
     return [s.detach() for s in states], x.grad, {n: p.grad for n, p in model.named_parameters()}
 
 
-def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny)).item()
-
-
 def assert_same_grads(model, x, tol, **context):
     out_r, gx_r, gp_r = grads_of(model, x, True, **context)
     out_p, gx_p, gp_p = grads_of(model, x, False, **context)
     for a, b in zip(out_r, out_p):
         assert torch.equal(a, b), "switching mode must not change the forward output"
-    assert rel(gx_r, gx_p) < tol
+    assert rel_error(gx_r, gx_p) < tol
     assert set(gp_r) == set(gp_p)
     for name in gp_p:
         assert gp_r[name] is not None, name
-        assert rel(gp_r[name], gp_p[name]) < tol, (name, rel(gp_r[name], gp_p[name]))
+        assert rel_error(gp_r[name], gp_p[name]) < tol, (name, rel_error(gp_r[name], gp_p[name]))
     assert any("gammas" in name for name in gp_p)
 
 
@@ -133,12 +130,12 @@ def test_gradients_when_the_loss_uses_only_some_levels(used, keep_top_graph):
         weighted_loss([states[l] for l in used]).backward()
         results.append((xr.grad, {n: p.grad for n, p in model.named_parameters()}))
     (gx_r, gp_r), (gx_p, gp_p) = results
-    assert rel(gx_r, gx_p) < 1e-10
+    assert rel_error(gx_r, gx_p) < 1e-10
     for name, g in gp_p.items():
         if g is None:  # levels above the highest used one, in the last column
             assert gp_r[name] is None, name
         else:
-            assert rel(gp_r[name], g) < 1e-10, name
+            assert rel_error(gp_r[name], g) < 1e-10, name
     assert any(g is None for g in gp_p.values()) == (max(used) < 3)
 
 
@@ -224,9 +221,9 @@ def test_reconstruction_matches_forward_activations(make, input_shape, dtype, to
     for (c, l), calls in logs.items():
         assert [grad for grad, _, _ in calls] == [False, True], "one forward call, one recompute per level"
         (_, low_f, high_f), (_, low_b, high_b) = calls
-        worst = max(worst, rel(low_b, low_f))
+        worst = max(worst, rel_error(low_b, low_f))
         if high_f is not None:
-            worst = max(worst, rel(high_b, high_f))
+            worst = max(worst, rel_error(high_b, high_f))
     assert worst < tol
 
 
@@ -399,7 +396,7 @@ def test_gradient_accumulation_sums_micro_batches():
     for part in (x[:3], x[3:]):
         weighted_loss(plain(part)).backward()
     for p, q, f in zip(model.parameters(), plain.parameters(), full):
-        assert rel(p.grad, q.grad) < 1e-10
+        assert rel_error(p.grad, q.grad) < 1e-10
         assert not torch.equal(p.grad, f)
 
 
@@ -466,8 +463,8 @@ def test_cpu_bf16_autocast_is_finite_and_costs_no_accuracy_beyond_bf16_itself():
     fp32, plain_bf16, rev_bf16 = grads(False, False), grads(False, True), grads(True, True)
     assert torch.isfinite(rev_bf16).all()
     # bf16 itself moves this small cosine-attention model's gradients by about 8%; reversible adds nothing.
-    assert rel(rev_bf16, fp32) < 0.12
-    assert rel(rev_bf16, plain_bf16) < 0.02, "the recompute must run under the forward's autocast state"
+    assert rel_error(rev_bf16, fp32) < 0.12
+    assert rel_error(rev_bf16, plain_bf16) < 0.02, "the recompute must run under the forward's autocast state"
 
 
 @pytest.mark.parametrize("build,message", [

@@ -1,11 +1,13 @@
 """torch.compile of the level functions: reversible gradients stay exact, random ops included."""
 import pytest
 import torch
+from helpers import rel_error
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from revcol import isotropic_columns
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.slow,  # torch.compile: up to a minute per test on 2 cores
+              pytest.mark.filterwarnings("ignore::UserWarning")]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 DROPOUTS = dict(drop_path_rate=0.3, dropout=0.1, attn_dropout=0.1, activation_dropout=0.1, gamma_init=1.0)
 
@@ -19,10 +21,6 @@ def gradients(model, x, reversible, mask, dtype=None):
         top = model(x, key_padding_mask=mask)[-1]
     (top.float() * torch.linspace(-1, 1, top.numel(), device=x.device).view_as(top)).sum().backward()
     return top.detach(), torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in model.parameters()])
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def eager_and_compiled(*args, **kwargs):
@@ -52,8 +50,8 @@ def test_compiled_levels_with_dropout_and_drop_path_match_plain_autograd():
 
     out_plain, plain = gradients(eager, x, False, mask)
     out_rev, rev = gradients(compiled, x, True, mask)
-    assert rel(rev, plain) < 1e-4
-    assert rel(out_rev, out_plain) < 1e-5  # measured 1.9e-6: compiled float32
+    assert rel_error(rev, plain) < 1e-4
+    assert rel_error(out_rev, out_plain) < 1e-5  # measured 1.9e-6: compiled float32
     torch.manual_seed(8)
     assert not torch.allclose(compiled(x, key_padding_mask=mask)[-1], out_rev), "dropout must be active"
     assert_compiled_forward_and_recompute(counter)
@@ -72,11 +70,11 @@ def test_compiled_levels_under_bf16_autocast_cost_no_accuracy_beyond_bf16(device
     mask = torch.zeros(4, 16, dtype=torch.bool, device=device)
     mask[2, 11:] = True
     _, fp32 = gradients(eager, x, False, mask)
-    assert rel(gradients(compiled, x, True, mask)[1], fp32) < 1e-4
+    assert rel_error(gradients(compiled, x, True, mask)[1], fp32) < 1e-4
     _, eager_bf16 = gradients(eager, x, False, mask, torch.bfloat16)
     _, compiled_bf16 = gradients(compiled, x, True, mask, torch.bfloat16)
     assert torch.isfinite(compiled_bf16).all()
-    assert rel(compiled_bf16, fp32) < 1.5 * rel(eager_bf16, fp32)
+    assert rel_error(compiled_bf16, fp32) < 1.5 * rel_error(eager_bf16, fp32)
     assert_compiled_forward_and_recompute(counter)
 
 
@@ -92,5 +90,5 @@ def test_compiled_levels_follow_varying_sequence_lengths():
         _, plain = gradients(eager, x, False, mask)
         for reversible in (True, False):
             _, got = gradients(compiled, x, reversible, mask)
-            assert rel(got, plain) < 1e-4, (length, reversible)
+            assert rel_error(got, plain) < 1e-4, (length, reversible)
     assert_compiled_forward_and_recompute(counter)

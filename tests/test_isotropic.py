@@ -47,7 +47,7 @@ def test_attention_temperature_starts_at_10_in_every_head():
 
 def test_attention_dropout_fires_in_training_only():
     torch.manual_seed(0)
-    attn = CosineAttention(24, 3, attn_drop=0.5).double()
+    attn = CosineAttention(24, 3, attn_dropout=0.5).double()
     x = torch.randn(2, 5, 24, dtype=torch.float64)
     pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
     ref = reference_cosine_attention(attn, x, pad)
@@ -85,7 +85,7 @@ def test_post_norm_block_normalizes_each_branch_output_and_drops_each_branch_per
     # Res-post-norm: h = x + LN1(attn(x)), out = h + LN2(mlp(h)). Drop path drops each of the two branches of a
     # sample on its own and scales a kept one by 1 / (1 - p): four outcomes per sample, and each must occur.
     torch.manual_seed(0)
-    block = PostNormBlock(16, 2, mlp_ratio=2.0, drop_path=0.5).double()
+    block = PostNormBlock(16, 2, mlp_ratio=2.0, drop_path_rate=0.5).double()
     with torch.no_grad():  # LayerNorms away from their identity init, so that each one's place shows
         for norm in (block.norm1, block.norm2):
             norm.weight.uniform_(0.5, 1.5)

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from toy_corpus import write_reversal_corpus
+from helpers import write_reversal_corpus
 
 from revcol_vit.train import parse_args, train
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples" / "vit"))
 from make_digits import write_digits  # noqa: E402  (the example script that builds the toy data set)
+
+pytestmark = pytest.mark.slow  # launches torchrun and fairseq-train processes
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 TIMEOUT_S = 150
@@ -69,7 +71,7 @@ def run_all(commands, cwd: Path):
 
 VIT_FLAGS = ["--model", "revcol_vit_s", "--img-size", "32", "--patch-size", "8", "--embed-dim", "16",
              "--num-heads", "2", "--depths", "1", "1", "--columns", "2", "--workers", "0",
-             "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "32", "--lr", "1e-4", "--lr-base-batch", "32",
+             "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "32", "--lr", "1e-4", "--lr-base-batch", "32",
              # every random augmentation off, so the two runs see identical images
              "--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--smoothing", "0", "--scale", "1", "1",
              "--ratio", "1", "1", "--hflip", "0", "--drop-path", "0", "--ema-decay", "0"]
@@ -77,7 +79,8 @@ VIT_FLAGS = ["--model", "revcol_vit_s", "--img-size", "32", "--patch-size", "8",
 
 @pytest.mark.parametrize("rendezvous", ["static", "c10d"])
 def test_vit_two_nodes_match_one_process_with_accumulation(tmp_path, rendezvous):
-    """2 nodes x 1 rank x 16 images per step vs. 1 process accumulating 2 micro-batches of 16."""
+    """2 nodes x 1 rank x 16 images per step vs. 1 process accumulating 2 micro-batches of 16, over 2 epochs (the
+    second one reshuffles the ranks' shards)."""
     data = write_digits(tmp_path / "digits", per_class=20)  # 160 training images: 5 steps of 32
     train_command = ["-m", "revcol_vit.train", "--data", str(data), "--output", str(tmp_path / "two_nodes"),
                      *VIT_FLAGS]
@@ -92,10 +95,11 @@ def test_vit_two_nodes_match_one_process_with_accumulation(tmp_path, rendezvous)
 
     single = train(parse_args(["--data", str(data), "--output", str(tmp_path / "single"), *VIT_FLAGS,
                                "--accum-steps", "2"]))
-    row = two_nodes["history"][0]
-    assert row["step"] == single[0]["step"] == 5
-    assert row["train_loss"] == pytest.approx(single[0]["train_loss"], rel=1e-5)
-    assert row["val_loss"] == pytest.approx(single[0]["val_loss"], rel=1e-5)
+    assert len(two_nodes["history"]) == len(single) == 2
+    for row, single_row in zip(two_nodes["history"], single):
+        assert row["step"] == single_row["step"] == 5 * row["epoch"]
+        assert row["train_loss"] == pytest.approx(single_row["train_loss"], rel=1e-5)
+        assert row["val_loss"] == pytest.approx(single_row["val_loss"], rel=1e-5)
     reference = torch.load(tmp_path / "single" / "checkpoint.pth", weights_only=False)["model"]
     for name, weight in two_nodes["model"].items():
         torch.testing.assert_close(weight, reference[name], rtol=0, atol=1e-5, msg=name)

@@ -16,6 +16,8 @@ import pytest
 import sacrebleu
 import torch
 
+pytestmark = pytest.mark.slow  # runs the demo, fairseq CLIs and scripts as processes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
 DEMO_UPDATES = 400

@@ -48,7 +48,7 @@ def test_registered_names():
 def test_full_size_parameter_count(name):
     cfg = revcol_vit.VARIANTS[name]
     model = timm.create_model(name)
-    expected = expected_params(cfg["embed_dim"], cfg["depths"], cfg["columns"], cfg["num_heads"], 1000)
+    expected = expected_params(cfg["embed_dim"], cfg["depths"], cfg["num_columns"], cfg["num_heads"], 1000)
     assert sum(p.numel() for p in model.parameters()) == expected
 
 
@@ -56,11 +56,11 @@ def test_full_size_parameter_count(name):
 def test_variant_builds_and_runs_forward_and_backward(name):
     cfg = revcol_vit.VARIANTS[name]
     model = tiny(name)
-    assert len(model.revcol.columns) == cfg["columns"]
+    assert len(model.revcol.columns) == cfg["num_columns"]
     assert [len(level.blocks) for level in model.revcol.columns[-1].levels] == list(cfg["depths"])
     assert model.revcol.columns[0].levels[-1].blocks[-1].drop_path.p == pytest.approx(cfg["drop_path_rate"])
     assert sum(p.numel() for p in model.parameters()) == expected_params(
-        32, cfg["depths"], cfg["columns"], 2, 5, patch_size=8, tokens=16)
+        32, cfg["depths"], cfg["num_columns"], 2, 5, patch_size=8, tokens=16)
 
     x = torch.randn(2, 3, 32, 32)
     logits = model(x)
@@ -82,7 +82,7 @@ def test_sweep_gflops_are_multiply_adds_of_the_closed_form(variant):
     """The sweep's GFLOPs are multiply-adds (papers' "FLOPs"), QK^T and AV included: half the FlopCounter count.
     Across the sweep the blocks' count is the same; only the fusion projections grow with the columns."""
     cfg = revcol_vit.VARIANTS[f"revcol_vit_b_{variant}"]
-    expected = expected_macs(32, cfg["depths"], cfg["columns"], 5, patch_size=8, tokens=16)
+    expected = expected_macs(32, cfg["depths"], cfg["num_columns"], 5, patch_size=8, tokens=16)
     assert gflops(tiny(f"revcol_vit_b_{variant}"), 32) == pytest.approx(expected / 1e9, rel=1e-9)
 
 
@@ -92,7 +92,7 @@ def test_sweep_gflops_match_table_9(name, paper_gflops):
         model = timm.create_model(name)
     cfg = revcol_vit.VARIANTS[name]
     counted = gflops(model, 224)
-    assert counted == pytest.approx(expected_macs(cfg["embed_dim"], cfg["depths"], cfg["columns"], 1000) / 1e9,
+    assert counted == pytest.approx(expected_macs(cfg["embed_dim"], cfg["depths"], cfg["num_columns"], 1000) / 1e9,
                                     rel=1e-9)
     assert counted == pytest.approx(paper_gflops, rel=0.005)
 
@@ -336,11 +336,12 @@ def test_set_grad_checkpointing_keeps_model_working():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(embed_dim=30, num_heads=4), "embed_dim 30 is not divisible by num_heads 4"),
+    (dict(embed_dim=30, num_heads=4), "^dim 30 is not divisible by num_heads 4$"),
+    (dict(num_heads=0), "^dim 32 is not divisible by num_heads 0$"),
     (dict(img_size=30), "img_size 30x30 is not a multiple of patch_size 8"),
     (dict(patch_size=64), "img_size 32x32 is not a multiple of patch_size 64"),
     (dict(global_pool="max"), "global_pool must be 'avg' or ''"),
-    (dict(columns=0), "need at least 1 column"),
+    (dict(num_columns=0), "need at least 1 column"),
     (dict(depths=(2,)), "depths must list at least 2 levels"),
     (dict(pretrained=True), "no pretrained weights exist for revcol_vit_b_4x8"),
 ])

@@ -17,17 +17,17 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices  # not re-exported; timm's own models import it so
 from torch import Tensor, nn
 
-from revcol import isotropic_columns
+from revcol import GAMMA_INIT, isotropic_columns
 
 __all__ = ["RevColViT", "VARIANTS"]
 
 VARIANTS: Dict[str, Dict] = {
-    "revcol_vit_s": dict(embed_dim=224, depths=(2, 2, 2, 2), num_heads=4, columns=4, drop_path_rate=0.1),
-    "revcol_vit_b": dict(embed_dim=384, depths=(3, 3, 3, 3), num_heads=6, columns=4, drop_path_rate=0.2),
-    "revcol_vit_b_1x32": dict(embed_dim=384, depths=(8, 8, 8, 8), num_heads=6, columns=1, drop_path_rate=0.2),
-    "revcol_vit_b_2x16": dict(embed_dim=384, depths=(4, 4, 4, 4), num_heads=6, columns=2, drop_path_rate=0.2),
-    "revcol_vit_b_4x8": dict(embed_dim=384, depths=(2, 2, 2, 2), num_heads=6, columns=4, drop_path_rate=0.2),
-    "revcol_vit_b_8x4": dict(embed_dim=384, depths=(1, 1, 1, 1), num_heads=6, columns=8, drop_path_rate=0.2),
+    "revcol_vit_s": dict(embed_dim=224, depths=(2, 2, 2, 2), num_heads=4, num_columns=4, drop_path_rate=0.1),
+    "revcol_vit_b": dict(embed_dim=384, depths=(3, 3, 3, 3), num_heads=6, num_columns=4, drop_path_rate=0.2),
+    "revcol_vit_b_1x32": dict(embed_dim=384, depths=(8, 8, 8, 8), num_heads=6, num_columns=1, drop_path_rate=0.2),
+    "revcol_vit_b_2x16": dict(embed_dim=384, depths=(4, 4, 4, 4), num_heads=6, num_columns=2, drop_path_rate=0.2),
+    "revcol_vit_b_4x8": dict(embed_dim=384, depths=(2, 2, 2, 2), num_heads=6, num_columns=4, drop_path_rate=0.2),
+    "revcol_vit_b_8x4": dict(embed_dim=384, depths=(1, 1, 1, 1), num_heads=6, num_columns=8, drop_path_rate=0.2),
 }
 
 
@@ -43,7 +43,7 @@ class RevColViT(nn.Module):
         embed_dim: width C of every level.
         depths: blocks per level, the same in every column.
         num_heads: attention heads per block.
-        columns: number of columns.
+        num_columns: number of columns.
         mlp_ratio: MLP hidden width over C.
         drop_rate: dropout on the pooled features before the head.
         drop_path_rate: stochastic depth of a column's last block (rising linearly from 0 within each column).
@@ -53,12 +53,13 @@ class RevColViT(nn.Module):
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "avg", embed_dim: int = 384,
-                 depths: Sequence[int] = (3, 3, 3, 3), num_heads: int = 6, columns: int = 4, mlp_ratio: float = 4.0,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, gamma_init: float = 0.5,
+                 depths: Sequence[int] = (3, 3, 3, 3), num_heads: int = 6, num_columns: int = 4,
+                 mlp_ratio: float = 4.0,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, gamma_init: float = GAMMA_INIT,
                  reversible: bool = True):
         super().__init__()
         img_size = to_2tuple(img_size)
-        _check_args(img_size, patch_size, embed_dim, num_heads, global_pool)
+        _check_args(img_size, patch_size, global_pool)
         self.img_size = img_size
         self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.num_classes = num_classes
@@ -68,13 +69,13 @@ class RevColViT(nn.Module):
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
         # Only the pooled head runs after the columns, so keeping the top level's graph costs no peak memory.
-        self.revcol = isotropic_columns(embed_dim, depths, columns, num_heads, mlp_ratio=mlp_ratio,
+        self.revcol = isotropic_columns(embed_dim, depths, num_columns, num_heads, mlp_ratio=mlp_ratio,
                                         drop_path_rate=drop_path_rate, gamma_init=gamma_init, reversible=reversible,
                                         keep_top_graph=True)
         self.norm = nn.LayerNorm(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(module=f"revcol.columns.{columns - 1}.levels.{l}", num_chs=embed_dim,
+        self.feature_info = [dict(module=f"revcol.columns.{num_columns - 1}.levels.{l}", num_chs=embed_dim,
                                   reduction=patch_size) for l in range(len(depths))]
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -188,11 +189,10 @@ def _check_global_pool(global_pool: str) -> None:
         raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
 
 
-def _check_args(img_size: Tuple[int, int], patch_size: int, embed_dim: int, num_heads: int, global_pool: str) -> None:
+def _check_args(img_size: Tuple[int, int], patch_size: int, global_pool: str) -> None:
+    """What the columns do not check themselves (they check depths, columns, heads and gamma_init)."""
     if patch_size < 1 or any(s < patch_size or s % patch_size for s in img_size):
         raise ValueError(f"img_size {img_size[0]}x{img_size[1]} is not a multiple of patch_size {patch_size}")
-    if num_heads < 1 or embed_dim % num_heads:
-        raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
     _check_global_pool(global_pool)
 
 

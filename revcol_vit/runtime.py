@@ -1,0 +1,195 @@
+"""What the CLIs share around the loop: device and ranks, RNG states, models, checkpoints, logs and evaluation."""
+import csv
+import logging
+import os
+import random
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+from timm.utils import accuracy
+from torch import nn
+from torch.utils.data import DataLoader
+
+from revcol import load_plain_checkpoint, write_atomically
+
+from .config import UsageError
+
+CHECKPOINT_NAME = "checkpoint.pth"
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "ema", "step", "epoch", "args", "model_kwargs",
+                   "classes", "history", "rng")  # what train() writes, and validate() and --resume read
+LOG_NAME = "log.csv"
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+# --- device and ranks -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: Optional[str]) -> Dist:
+    """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); nccl on CUDA, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank() if world_size > 1 else 0, world_size, device)
+
+
+def all_reduce_sum(values: List[float], d: Dist) -> List[float]:
+    if d.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# --- random number generators ---------------------------------------------------------------------------------------
+
+def seed_all(seed: int) -> None:
+    """Python's, NumPy's and torch's generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device) -> Dict[str, Any]:
+    # NumPy's state as plain types, so that checkpoints load with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian))
+    state = dict(python=random.getstate(), numpy=numpy_state, torch=torch.get_rng_state())
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def all_rng_states(d: Dist) -> List[Dict[str, Any]]:
+    """Every rank's RNG states (ranks draw different augmentations), gathered for rank 0's checkpoint."""
+    state = rng_state(d.device)
+    if d.world_size == 1:
+        return [state]
+    states = [None] * d.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+# --- models ---------------------------------------------------------------------------------------------------------
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """``timm.create_model``, with an unknown name or sizes that do not fit together as a UsageError."""
+    if not timm.is_model(name):
+        revcol = ", ".join(timm.list_models("revcol_vit*"))
+        raise UsageError(f"unknown model '{name}' (RevCol-ViT models: {revcol or 'none registered'})")
+    try:
+        return timm.create_model(name, **kwargs)
+    except (TypeError, ValueError) as e:  # sizes that do not fit together, or an option the model does not take
+        raise UsageError(f"model {name} cannot be built with {kwargs}: {e}") from None
+
+
+def compile_model(model: nn.Module) -> None:
+    """torch.compile in place: a RevCol model's level functions (its reversible backward stays eager)."""
+    if hasattr(model, "revcol"):
+        model.revcol.compile_levels()
+    else:
+        model.compile()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp_dtype: Optional[torch.dtype]) -> Dict[str, float]:
+    """Cross-entropy, top-1 and top-5 (%) over the whole split, summed across ranks."""
+    model.eval()
+    loss_sum = top1_sum = top5_sum = count = 0.0
+    with torch.no_grad():
+        for images, targets in loader:
+            images, targets = images.to(d.device), targets.to(d.device)
+            with torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(images)
+            logits = logits.float()
+            top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))
+            n = images.shape[0]
+            loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            top1_sum += top1.item() * n
+            top5_sum += top5.item() * n
+            count += n
+    loss_sum, top1_sum, top5_sum, count = all_reduce_sum([loss_sum, top1_sum, top5_sum, count], d)
+    return dict(loss=loss_sum / count, top1=top1_sum / count, top5=top5_sum / count)
+
+
+# --- checkpoints and logs -------------------------------------------------------------------------------------------
+
+def save_checkpoint(state: Dict[str, Any], path: str) -> None:
+    write_atomically(lambda tmp: torch.save(state, tmp), path)
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    try:
+        ckpt = load_plain_checkpoint(path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise UsageError(f"checkpoint {path} was not written by revcol_vit.train (it lacks {', '.join(missing)})")
+    return ckpt
+
+
+def write_csv(rows: List[Dict[str, Any]], path: str) -> None:
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(write, path)
+
+
+def tensorboard_writer(folder: str, purge_step: Optional[int]):
+    from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
+    return SummaryWriter(folder, purge_step=purge_step)
+
+
+# --- command line ---------------------------------------------------------------------------------------------------
+
+def run_cli(main_fn: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]]) -> None:
+    """Runs a CLI body, printing bad input as one ``error:`` line (exit status 2) instead of a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if int(os.environ.get("RANK", 0)) != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        main_fn(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

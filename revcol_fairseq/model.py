@@ -8,6 +8,7 @@ import argparse
 import math
 from typing import List
 
+from fairseq import metrics
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerModel, base_architecture
 
@@ -115,6 +116,7 @@ class RevColTransformerModel(TransformerModel):
         model = super().build_model(args, task)
         if args.revcol_compile:
             model.encoder.revcol.compile_levels()
+        model.encoder.revcol.register_reconstruction_hook(log_reconstruction_error)
         return model
 
     @classmethod
@@ -128,6 +130,12 @@ class RevColTransformerModel(TransformerModel):
             dropout=cfg.dropout, attn_dropout=cfg.attention_dropout,
             activation_dropout=cfg.activation_dropout, drop_path_rate=cfg.revcol_drop_path,
             gamma_init=cfg.revcol_gamma_init, reversible=cfg.revcol_reversible)
+
+
+def log_reconstruction_error(columns) -> None:
+    """After each reversible backward: the worst rebuilt state's relative error, as a fairseq metric (averaged over
+    the log interval, this rank's). Reading it warns once if reversible gradients drift from plain autograd's."""
+    metrics.log_scalar("reconstruction_error", columns.reconstruction_error.error, priority=900)
 
 
 # Architectures: each only fills defaults, so every value can be overridden by its flag.

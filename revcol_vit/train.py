@@ -223,10 +223,13 @@ def build_loss(args, num_classes: int):
 
 
 def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_batches: int, mixup, criterion,
-                    args, d: Dist, writer, desc: str) -> float:
-    """One pass over the epoch's micro-batches; returns the mean loss of its optimizer steps."""
+                    args, d: Dist, writer, desc: str) -> Dict[str, float]:
+    """One pass over the epoch's micro-batches; returns the mean loss of its optimizer steps and, for a model with
+    reversible columns, the worst relative error of a state rebuilt in backward (this rank's)."""
     amp_dtype = AMP_DTYPES[args.amp]
     t.model.train()
+    columns = getattr(t.model, "revcol", None)  # any timm model trains here; only RevCol-ViT rebuilds states
+    worst_rebuild = None
     progress = tqdm(micro_batches, total=num_micro_batches, desc=desc, disable=not d.is_main, dynamic_ncols=True)
     loss_sum, micro_loss = 0.0, torch.zeros((), device=d.device)
     for i, (images, targets) in enumerate(progress):
@@ -257,11 +260,20 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
         if not math.isfinite(step_loss):
             raise RuntimeError(f"loss is {step_loss} at step {t.num_updates}; lower --lr or use --amp bf16")
         loss_sum += step_loss
+        # Reading it warns once if reversible gradients drift from plain autograd's (revcol.ReversibleColumns).
+        rebuild = columns.reconstruction_error if columns is not None and columns.reversible else None
+        if rebuild is not None:
+            worst_rebuild = max(worst_rebuild or 0.0, rebuild.error)
         if writer is not None:
             writer.add_scalar("train/loss", step_loss, t.num_updates)
             writer.add_scalar("train/lr", t.lr, t.num_updates)
+            if rebuild is not None:
+                writer.add_scalar("train/reconstruction_error", rebuild.error, t.num_updates)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{t.lr:.3g}")
-    return loss_sum / (num_micro_batches // args.accum_steps)
+    metrics = dict(train_loss=loss_sum / (num_micro_batches // args.accum_steps))
+    if worst_rebuild is not None:
+        metrics["reconstruction_error"] = worst_rebuild
+    return metrics
 
 
 def train(args) -> List[Dict[str, Any]]:
@@ -324,10 +336,10 @@ def train(args) -> List[Dict[str, Any]]:
         start = time.time()
         loader.sampler.set_epoch(epoch)
         num_micro_batches = updates_per_epoch * args.accum_steps
-        train_loss = train_one_epoch(t, ddp_model, islice(loader, num_micro_batches), num_micro_batches,
-                                     mixup, criterion, args, d, writer, desc=f"epoch {epoch + 1}/{args.epochs}")
+        epoch_metrics = train_one_epoch(t, ddp_model, islice(loader, num_micro_batches), num_micro_batches,
+                                        mixup, criterion, args, d, writer, desc=f"epoch {epoch + 1}/{args.epochs}")
         val = evaluate(model, val_loader, d, amp_dtype)
-        row = dict(epoch=epoch + 1, step=t.num_updates, lr=t.lr, train_loss=train_loss, val_loss=val["loss"],
+        row = dict(epoch=epoch + 1, step=t.num_updates, lr=t.lr, **epoch_metrics, val_loss=val["loss"],
                    val_top1=val["top1"], val_top5=val["top5"])
         if t.ema is not None:
             ema_val = evaluate(t.ema.module, val_loader, d, amp_dtype)
@@ -346,9 +358,11 @@ def train(args) -> List[Dict[str, Any]]:
                 if key in row:
                     writer.add_scalar(key.replace("_", "/", 1), row[key], epoch + 1)
             writer.flush()
-            _logger.info("epoch %d: train loss %.4f, val top-1 %.2f top-5 %.2f%s (%.0f s)", epoch + 1,
+            _logger.info("epoch %d: train loss %.4f, val top-1 %.2f top-5 %.2f%s%s (%.0f s)", epoch + 1,
                          row["train_loss"], row["val_top1"], row["val_top5"],
-                         f", EMA top-1 {row['ema_top1']:.2f}" if t.ema is not None else "", row["epoch_time_s"])
+                         f", EMA top-1 {row['ema_top1']:.2f}" if t.ema is not None else "",
+                         f", rebuild error {row['reconstruction_error']:.1e}" if "reconstruction_error" in row else "",
+                         row["epoch_time_s"])
     if writer is not None:
         writer.close()
     return history

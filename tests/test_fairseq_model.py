@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fairseq import checkpoint_utils, options
+from fairseq import checkpoint_utils, metrics, options
 from fairseq.data import Dictionary
 from fairseq.data.data_utils import collate_tokens
 from fairseq.models.transformer import TransformerEncoder
@@ -140,6 +140,22 @@ def test_reversible_and_plain_encoders_give_equal_gradients():
     for name in grads_plain:
         torch.testing.assert_close(grads_rev[name], grads_plain[name], rtol=1e-9, atol=1e-12, msg=name)
     assert saved_rev.bytes < saved_plain.bytes  # the reversible path ran: the columns kept no activations
+
+
+def test_each_reversible_backward_logs_the_reconstruction_error_as_a_fairseq_metric():
+    model = build("--revcol-columns", "3").train()
+    src, lengths = source_batch(SENTENCES)
+    prev = torch.tensor([[2, 5, 6, 7, 8], [2, 9, 10, 11, 12], [2, 13, 14, 15, 16]])
+    logged = {}
+    for reversible in (True, False):
+        model.encoder.revcol.reversible = reversible
+        with metrics.aggregate() as agg:
+            for _ in range(2):
+                model(src, lengths, prev)[0].sum().backward()
+            logged[reversible] = agg.get_smoothed_values()
+    assert "reconstruction_error" not in logged[False]  # plain autograd rebuilds nothing
+    error = model.encoder.revcol.reconstruction_error.error
+    assert 0.0 <= logged[True]["reconstruction_error"] < 1e-12 and error < 1e-12
 
 
 @pytest.mark.slow
@@ -383,7 +399,17 @@ def trained(tmp_path_factory):
     # --save-interval-updates: fairseq writes checkpoint_<epoch>_3.pt and _6.pt, and copies them to checkpoint_last.pt
     _, output = fairseq_cli("train", "data-bin", *TRAIN_FLAGS, "--max-update", "6", "--save-dir", "uninterrupted",
                             "--save-interval-updates", "3", cwd=workdir)
+    (workdir / "train.log").write_text(output)
     return workdir, workdir / "data-bin", workdir / "uninterrupted", logged_losses(output)
+
+
+@pytest.mark.slow
+def test_fairseq_train_logs_the_reconstruction_error(trained):
+    workdir, _, _, _ = trained
+    records = [json.loads(line.split("| train_inner |", 1)[1])
+               for line in (workdir / "train.log").read_text().splitlines() if "| train_inner |" in line]
+    assert len(records) == 6
+    assert all(0.0 <= float(r["reconstruction_error"]) < 1e-12 for r in records), records
 
 
 @pytest.mark.slow

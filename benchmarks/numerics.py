@@ -13,16 +13,16 @@ float32 and turns the kept columns off), in one run on one machine:
      CUDA's max_memory_allocated measures), RevCol-ViT-S columns over 196 tokens, 2 to 16 columns;
   3. time: the median training step of RevCol-ViT-S.
 
-    python benchmarks/numerics.py > benchmarks/results/numerics.txt
+    python benchmarks/numerics.py | tee benchmarks/results/numerics.txt
 """
 import argparse
 import statistics
 import time
 from contextlib import contextmanager
-from datetime import date
 
 import timm
 import torch
+from common import header
 from torch import nn
 
 import revcol.columns
@@ -155,7 +155,7 @@ def main():
     p.add_argument("--batch", type=int, default=4, help="batch of the memory and time table")
     p.add_argument("--steps", type=int, default=5, help="timed steps (at 4 columns and fewer)")
     args = p.parse_args()
-    print(f"# CPU ({torch.get_num_threads()} threads), {date.today()}, torch {torch.__version__}")
+    print("# " + header(f"CPU ({torch.get_num_threads()} threads)", "python benchmarks/numerics.py"))
     exactness([int(n) for n in args.columns.split(",")])
     memory_and_time([int(n) for n in args.memory_columns.split(",")], args.batch, args.steps)
 

@@ -11,7 +11,7 @@ float32 and turns the kept columns off), in one run on one machine:
      float32 and CPU bf16 autocast; then the registered RevCol-ViT models at 224 px, batch 2;
   2. memory: bytes kept for backward and the peak of live tensors over a training step (``PeakBytes``, what
      CUDA's max_memory_allocated measures), RevCol-ViT-S columns over 196 tokens, 2 to 16 columns;
-  3. time: the median training step of RevCol-ViT-S.
+  3. time: the median training step of RevCol-ViT-S, the two streams' steps alternating.
 
     python benchmarks/numerics.py | tee benchmarks/results/numerics.txt
 """
@@ -117,9 +117,10 @@ def exactness(columns):
 
 def memory_and_time(columns, batch, steps):
     print(f"\n## Memory and step time: RevCol-ViT-S columns (dim 224, blocks (2, 2, 2, 2)), batch {batch} x 196 "
-          f"tokens, bf16 autocast, reversible\n")
-    print("| stream | columns | kept columns | saved MiB | peak MiB | step ms |\n|---|---|---|---|---|---|")
+          f"tokens, bf16 autocast, reversible; steps of the two streams alternate, median of {steps} each\n")
+    print("| columns | stream | kept columns | saved MiB | peak MiB | step ms |\n|---|---|---|---|---|---|")
     for n in columns:
+        runs = {}
         for name in STREAMS:
             with stream(name):
                 torch.manual_seed(0)
@@ -127,7 +128,7 @@ def memory_and_time(columns, batch, steps):
                 model.rebuild_budget_bits = revcol.columns.REBUILD_BUDGET_BITS
                 x = torch.randn(batch, 196, 224, requires_grad=True)
 
-                def step():
+                def step(model=model, x=x):
                     with torch.autocast("cpu", dtype=torch.bfloat16):
                         out = model(x)[-1]
                     out.float().mean().backward()
@@ -138,14 +139,18 @@ def memory_and_time(columns, batch, steps):
                         model(x)
                 with PeakBytes(ignore=[x, x.grad, *model.parameters(), *(p.grad for p in model.parameters())]) as pk:
                     step()
-                times = []
-                for _ in range(steps if n <= 4 else 0):
+                runs[name] = dict(step=step, kept=len(model._kept_columns()), saved=saved.bytes, peak=pk.peak,
+                                  times=[])
+        for _ in range(steps):  # alternating, so that a busy moment of the machine falls on both
+            for name in STREAMS:
+                with stream(name):
                     start = time.perf_counter()
-                    step()
-                    times.append(time.perf_counter() - start)
-                ms = f"{1e3 * statistics.median(times):.0f}" if times else "-"
-                print(f"| {name} | {n} | {len(model._kept_columns())} | {saved.bytes / 2**20:.1f} | "
-                      f"{pk.peak / 2**20:.1f} | {ms} |", flush=True)
+                    runs[name]["step"]()
+                    runs[name]["times"].append(time.perf_counter() - start)
+        for name, r in runs.items():
+            ms = f"{1e3 * statistics.median(r['times']):.0f}" if r["times"] else "-"
+            print(f"| {n} | {name} | {r['kept']} | {r['saved'] / 2**20:.1f} | {r['peak'] / 2**20:.1f} | {ms} |",
+                  flush=True)
 
 
 def main():
@@ -153,11 +158,14 @@ def main():
     p.add_argument("--columns", default="2,4,8,16,20", help="column counts of the exactness table")
     p.add_argument("--memory-columns", default="2,4,8,16")
     p.add_argument("--batch", type=int, default=4, help="batch of the memory and time table")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (at 4 columns and fewer)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps of each stream per column count")
+    p.add_argument("--only", choices=["exactness", "cost"], help="one of the two parts")
     args = p.parse_args()
     print("# " + header(f"CPU ({torch.get_num_threads()} threads)", "python benchmarks/numerics.py"))
-    exactness([int(n) for n in args.columns.split(",")])
-    memory_and_time([int(n) for n in args.memory_columns.split(",")], args.batch, args.steps)
+    if args.only != "cost":
+        exactness([int(n) for n in args.columns.split(",")])
+    if args.only != "exactness":
+        memory_and_time([int(n) for n in args.memory_columns.split(",")], args.batch, args.steps)
 
 
 if __name__ == "__main__":

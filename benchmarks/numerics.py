@@ -2,8 +2,9 @@
 
 The core carries the level states in float64 (``revcol.columns.STREAM_DTYPE``) and keeps a column's states
 where the rebuild could magnify rounding past ``2**rebuild_budget_bits``. Every table compares that stream
-with a stream in the levels' own dtype, the core as it was before (``--baseline`` patches the constant to
-float32 and turns the kept columns off), in one run on one machine:
+with a stream in the levels' own dtype, the core as it was before (the script patches the constant to
+float32 and turns the kept columns off), and for exactness also with the float64 stream alone (no kept
+columns), in one run on one machine:
 
   1. exactness: max |g_rev - g_plain| over all gradients (0 means bit-identical) and the relative norm,
      bare isotropic columns (dim 32, blocks (1, 1, 1, 1), 4 heads, drop path and dropout on) on (4, 16, 32)
@@ -29,22 +30,25 @@ import revcol.columns
 import revcol_vit  # noqa: F401  (registers the RevCol-ViT models with timm)
 from revcol import PeakBytes, count_saved_bytes, isotropic_columns
 
-STREAMS = ("float64 (default)", "float32 (before)")
+STREAMS = {  # name -> (stream dtype, rebuild budget in bits)
+    "float64 (default)": (torch.float64, revcol.columns.REBUILD_BUDGET_BITS),
+    "float64, no kept columns": (torch.float64, 10 ** 9),
+    "float32 (before)": (torch.float32, 10 ** 9),
+}
+COST_STREAMS = ("float64 (default)", "float32 (before)")
 
 
 @contextmanager
 def stream(name):
-    """The core as it is (float64 stream, kept columns), or as it was (a stream in the levels' dtype). Models
-    built under it must take ``rebuild_budget_bits`` from the module's constant, which it patches."""
-    if name.startswith("float64"):
-        yield
-        return
-    dtype, budget = revcol.columns.STREAM_DTYPE, revcol.columns.REBUILD_BUDGET_BITS
-    revcol.columns.STREAM_DTYPE, revcol.columns.REBUILD_BUDGET_BITS = torch.float32, 10 ** 9
+    """The core as it is (float64 stream, kept columns), without kept columns, or as it was (a stream in the
+    levels' dtype). Models built under it must take ``rebuild_budget_bits`` from the module's constant, which it
+    patches."""
+    saved = revcol.columns.STREAM_DTYPE, revcol.columns.REBUILD_BUDGET_BITS
+    revcol.columns.STREAM_DTYPE, revcol.columns.REBUILD_BUDGET_BITS = STREAMS[name]
     try:
         yield
     finally:
-        revcol.columns.STREAM_DTYPE, revcol.columns.REBUILD_BUDGET_BITS = dtype, budget
+        revcol.columns.STREAM_DTYPE, revcol.columns.REBUILD_BUDGET_BITS = saved
 
 
 def drive_gammas_down_(model):
@@ -121,7 +125,7 @@ def memory_and_time(columns, batch, steps):
     print("| columns | stream | kept columns | saved MiB | peak MiB | step ms |\n|---|---|---|---|---|---|")
     for n in columns:
         runs = {}
-        for name in STREAMS:
+        for name in COST_STREAMS:
             with stream(name):
                 torch.manual_seed(0)
                 model = isotropic_columns(224, [2, 2, 2, 2], n, 4, drop_path_rate=0.1)
@@ -142,7 +146,7 @@ def memory_and_time(columns, batch, steps):
                 runs[name] = dict(step=step, kept=len(model._kept_columns()), saved=saved.bytes, peak=pk.peak,
                                   times=[])
         for _ in range(steps):  # alternating, so that a busy moment of the machine falls on both
-            for name in STREAMS:
+            for name in COST_STREAMS:
                 with stream(name):
                     start = time.perf_counter()
                     runs[name]["step"]()

@@ -121,8 +121,8 @@ class ReconstructionError(NamedTuple):
 
 
 def _probe(state: Tensor) -> Tensor:
-    """min(numel, PROBE_SIZE) elements of a state, spread over it at a stride coprime with the channel count, so
-    that every channel is visited."""
+    """min(numel, PROBE_SIZE) elements of a state, spread over it at a stride coprime with its last dimension (the
+    channels of a token state), so that every channel is visited."""
     flat = state.detach().reshape(-1)
     stride = max(1, flat.numel() // PROBE_SIZE)
     while math.gcd(stride, state.shape[-1]) != 1:

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from revcol import PeakBytes, write_atomically
 
-from .config import UsageError
+from .config import Option, Parser, UsageError
 from .data import list_classes
 from .model import VARIANTS
 from .runtime import CHECKPOINT_NAME, count_parameters, create_model, run_cli, setup_distributed, write_csv
@@ -29,11 +29,13 @@ from .train import build_parser, model_kwargs, parse_args, train
 SWEEP_VARIANTS = ("1x32", "2x16", "4x8", "8x4")
 
 
-def sweep_parser() -> argparse.ArgumentParser:
+def sweep_parser() -> Parser:
     parser = build_parser()
     parser.description = __doc__.splitlines()[0]
-    parser.add_argument("--variants", nargs="+", default=list(SWEEP_VARIANTS), choices=SWEEP_VARIANTS,
-                        help="columns x blocks per column")
+    parser.add_options(None, dict(variants=Option(count="+", choices=SWEEP_VARIANTS,
+                                                  help="columns x blocks per column")),
+                       variants=list(SWEEP_VARIANTS))
+    parser.schema["model"] = Option(optional=True, help="unset: the sweep sets the model per variant")
     parser.set_defaults(model=None, output="runs/column_sweep")
     return parser
 

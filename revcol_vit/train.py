@@ -7,7 +7,6 @@ Several GPUs:   torchrun --nproc_per_node 8 -m revcol_vit.train --data /imagenet
 with a checkpoint (model, optimizer, scheduler, EMA, grad scaler, RNG states of every rank) that ``--resume``
 continues from exactly: the data order of an epoch depends only on the seed and the epoch.
 """
-import argparse
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .config import IMAGENET_1K, UsageError, load_yaml_recipe
+from .config import IMAGENET_1K, TRAIN_OPTIONS, Parser, UsageError, check_options, load_yaml_recipe
 from .data import (
     DEFAULT_WORKERS,
     eval_loader,
@@ -65,74 +64,30 @@ MODEL_FLAGS = dict(embed_dim="embed_dim", num_heads="num_heads", patch_size="pat
                    depths="depths", drop_path="drop_path_rate", reversible="reversible")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                epilog="Unset options take the ImageNet-1K recipe of Table 11 "
-                                       "(revcol_vit/config.py, docs/vit_training.md).")
-    p.add_argument("--config", help="YAML recipe file; flags on the command line override it")
-    p.add_argument("--data", required=True, help="folder with train/<class>/* and val/<class>/*")
-    p.add_argument("--output", default="runs/revcol_vit", help="checkpoint, log.csv and tensorboard folder")
-    p.add_argument("--resume", help="checkpoint to continue from")
-    p.add_argument("--seed", type=int, default=0)
-
-    m = p.add_argument_group("model (unset sizes keep the model's own)")
-    m.add_argument("--model", default="revcol_vit_s")
-    m.add_argument("--img-size", type=int)
-    m.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the model's)")
-    m.add_argument("--embed-dim", type=int)
-    m.add_argument("--num-heads", type=int)
-    m.add_argument("--patch-size", type=int)
-    m.add_argument("--columns", type=int)
-    m.add_argument("--depths", type=int, nargs="+", help="blocks per level of a column")
-    m.add_argument("--reversible", action=argparse.BooleanOptionalAction, default=None,
-                   help="reversible backward (activation memory flat in the number of columns)")
-
-    o = p.add_argument_group("optimization")
-    o.add_argument("--epochs", type=int)
-    o.add_argument("--warmup-epochs", type=float)
-    o.add_argument("--batch-size", type=int, help="global batch over all ranks and accumulation steps")
-    o.add_argument("--accum-steps", type=int, default=1, help="micro-steps per optimizer step")
-    o.add_argument("--lr", type=float, help="peak lr at --lr-base-batch, scaled linearly to --batch-size")
-    o.add_argument("--lr-base-batch", type=int)
-    o.add_argument("--min-lr", type=float)
-    o.add_argument("--warmup-lr", type=float)
-    o.add_argument("--opt")
-    o.add_argument("--opt-betas", type=float, nargs=2)
-    o.add_argument("--weight-decay", type=float)
-    o.add_argument("--clip-grad", type=float, help="max gradient norm (default: no clipping)")
-    o.add_argument("--ema-decay", type=float, help="0 turns the EMA of the weights off")
-    o.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none")
-
-    a = p.add_argument_group("augmentation and regularization")
-    a.add_argument("--smoothing", type=float)
-    a.add_argument("--aa", help="timm auto-augment policy, 'none' for none")
-    a.add_argument("--mixup", type=float)
-    a.add_argument("--cutmix", type=float)
-    a.add_argument("--reprob", type=float, help="random erase probability")
-    a.add_argument("--scale", type=float, nargs=2, help="random resized crop area range")
-    a.add_argument("--ratio", type=float, nargs=2, help="random resized crop aspect ratio range")
-    a.add_argument("--hflip", type=float)
-    a.add_argument("--interpolation")
-    a.add_argument("--crop-pct", type=float, help="eval: resize to img_size / crop_pct, center crop")
-
-    r = p.add_argument_group("runtime")
-    r.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                   help="data loading processes per rank (default: 8, or fewer CPU cores)")
-    r.add_argument("--device", help="default: cuda (this rank's GPU) if available, else cpu")
-    r.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (a RevCol model: each level function, the reversible backward "
-                        "stays eager); the first steps are slow while it compiles")
-    p.set_defaults(**IMAGENET_1K)
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.splitlines()[0], allow_abbrev=False,
+               epilog="Unset options take the ImageNet-1K recipe of Table 11 (revcol_vit/config.py, "
+                      "docs/vit_training.md).")
+    defaults = dict(IMAGENET_1K, output="runs/revcol_vit", seed=0, model="revcol_vit_s", accum_steps=1, amp="none",
+                    workers=DEFAULT_WORKERS, compile=False)
+    for title, options in TRAIN_OPTIONS.items():
+        p.add_options(title, options, **defaults)
     return p
 
 
-def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.ArgumentParser] = None):
-    """Defaults come from the recipe table, then the ``--config`` YAML file, then the command line."""
+def parse_args(argv: Optional[List[str]] = None, parser: Optional[Parser] = None):
+    """Defaults come from the recipe table, then the ``--config`` YAML file, then the command line.
+
+    Every value, from either place, is checked against the options' schema (``config.TRAIN_OPTIONS``).
+    """
     parser = parser or build_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**load_yaml_recipe(known.config, parser))
-    return parser.parse_args(argv)
+    args = check_options(parser.parse_args(argv), parser.schema)
+    if args.data is None:
+        raise UsageError("the data folder is missing: give --data (or data: in the --config file)")
+    return args
 
 
 def model_kwargs(args, num_classes: int) -> Dict[str, Any]:

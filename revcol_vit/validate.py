@@ -6,26 +6,23 @@
 The model is rebuilt with the sizes stored in the checkpoint; the eval transform (image size, crop, interpolation)
 is the one the run trained with.
 """
-import argparse
 from typing import Dict, List, Optional
 
-from .config import UsageError
+from .config import VALIDATE_OPTIONS, Parser, UsageError, check_options
 from .data import DEFAULT_WORKERS, eval_loader, eval_transform, image_folder, list_classes
 from .runtime import AMP_DTYPES, create_model, evaluate, load_checkpoint, run_cli, setup_distributed
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--model", required=True, help="must be the checkpoint's model")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="folder with <split>/<class>/* (the classes of the training run)")
-    p.add_argument("--split", default="val")
-    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
-    p.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_options(None, VALIDATE_OPTIONS, split="val", ema=False, batch_size=256, workers=DEFAULT_WORKERS,
+                  amp="none")
     return p
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    parser = build_parser()
+    return check_options(parser.parse_args(argv), parser.schema)
 
 
 def validate(args) -> Dict[str, float]:
@@ -56,7 +53,7 @@ def validate(args) -> Dict[str, float]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    run_cli(lambda argv: validate(build_parser().parse_args(argv)), argv)
+    run_cli(lambda argv: validate(parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

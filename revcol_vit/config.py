@@ -219,10 +219,11 @@ def _timm_optimizers() -> Tuple[str, ...]:
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")  # timm's PIL modes
 AMP_CHOICES = ("bf16", "fp16", "none")
 COUNT = Option(int, at_least=1)
-RATE = Option(float, at_least=0, below=1)  # a probability that must leave something: drop path, smoothing, EMA
 PROBABILITY = Option(float, at_least=0, at_most=1)
 NON_NEGATIVE = Option(float, at_least=0)
 SIZE = Option(int, at_least=1, optional=True)  # a model size; unset keeps the model's own
+SKIP_BAD_IMAGES = Option(bool, help="leave out the images that cannot be decoded (their count is logged) instead of "
+                                    "refusing to start; every class still needs a decodable image")
 
 # Every option of revcol_vit.train (and the sweep, which adds its own): group title -> name -> schema.
 TRAIN_OPTIONS: Dict[Optional[str], Dict[str, Option]] = {
@@ -230,7 +231,10 @@ TRAIN_OPTIONS: Dict[Optional[str], Dict[str, Option]] = {
         config=Option(optional=True, help="YAML recipe file; flags on the command line override it"),
         data=Option(optional=True, help="folder with train/<class>/* and val/<class>/*"),
         output=Option(help="checkpoint, log.csv and tensorboard folder"),
-        resume=Option(optional=True, help="checkpoint to continue from"),
+        resume=Option(optional=True, help="checkpoint to continue from (checkpoint.pth, checkpoint_best.pth or a "
+                                          "kept checkpoint_epoch<E>.pth)"),
+        keep_last=Option(int, at_least=0, help="also keep the checkpoints of the last N epochs, "
+                                               "checkpoint_epoch<E>.pth (default 0: none)"),
         seed=Option(int, at_least=0),
     ),
     "model (unset sizes keep the model's own)": dict(
@@ -263,7 +267,7 @@ TRAIN_OPTIONS: Dict[Optional[str], Dict[str, Option]] = {
         amp=Option(choices=AMP_CHOICES),
     ),
     "augmentation and regularization": dict(
-        smoothing=RATE,
+        smoothing=Option(float, at_least=0, below=1),
         aa=Option(help="timm auto-augment policy, 'none' for none"),
         mixup=NON_NEGATIVE,
         cutmix=NON_NEGATIVE,
@@ -276,6 +280,7 @@ TRAIN_OPTIONS: Dict[Optional[str], Dict[str, Option]] = {
     ),
     "runtime": dict(
         workers=Option(int, at_least=0, help="data loading processes per rank (default: 8, or fewer CPU cores)"),
+        skip_bad_images=SKIP_BAD_IMAGES,
         device=Option(optional=True, help="default: cuda (this rank's GPU) if available, else cpu"),
         compile=Option(bool, help="torch.compile the model (a RevCol model: each level function, the reversible "
                                   "backward stays eager); the first steps are slow while it compiles"),
@@ -292,4 +297,5 @@ VALIDATE_OPTIONS: Dict[str, Option] = dict(
     workers=Option(int, at_least=0),
     amp=Option(choices=AMP_CHOICES),
     device=Option(optional=True, help="default: cuda if available, else cpu"),
+    skip_bad_images=SKIP_BAD_IMAGES,
 )

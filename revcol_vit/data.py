@@ -1,6 +1,9 @@
 """Image folders in ImageNet layout (``<split>/<class>/<image>``): classes, transforms and loaders."""
+import io
 import os
-from typing import List, Optional, Sequence, Tuple
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_dataset, create_transform
@@ -70,6 +73,62 @@ def eval_transform(img_size: int, *, interpolation: str, crop_pct: float):
 
 def image_folder(root: str, split: str, transform) -> Dataset:
     return create_dataset("", root=os.path.join(root, split), search_split=False, transform=transform)
+
+
+def decodes(data: bytes) -> bool:
+    """Whether PIL decodes the whole image, as the loader will (a JPEG at 1/8 scale: every byte is still read,
+    so a truncated file fails, at a fraction of the cost)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+        return True
+    except Exception:  # PIL raises many kinds for a broken file (OSError, SyntaxError, ValueError, struct.error)
+        return False
+
+
+def scan(dataset, threads: int) -> List[Tuple[bool, int]]:
+    """(decodes, label) of every image of a timm ``ImageDataset``.
+
+    Files are read one at a time (a tar reader shares one open file) and decoded in ``threads`` threads (PIL
+    releases the GIL while it decodes).
+    """
+    lock = threading.Lock()
+
+    def check(index: int) -> Tuple[bool, int]:
+        with lock:
+            f, label = dataset.reader[index]
+            with f:
+                data = f.read()
+        return decodes(data), int(label)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return list(pool.map(check, range(len(dataset))))
+
+
+def drop_undecodable(splits: Dict[str, Dataset], classes: Sequence[str], *, skip: bool,
+                     threads: int) -> Tuple[Dict[str, Dataset], List[str]]:
+    """Scans every image of every split before training: (each split without its undecodable images, their names).
+
+    Undecodable images are an error naming and counting them unless ``skip``; then they are left out, so that no
+    stand-in sample is trained on or counted. Every class must keep at least one decodable image in every split.
+    """
+    kept, bad_names = {}, []
+    for split, dataset in splits.items():
+        results = scan(dataset, threads)
+        good = [i for i, (ok, _) in enumerate(results) if ok]
+        bad_names += [dataset.filename(i, absolute=True) for i, (ok, _) in enumerate(results) if not ok]
+        present = {results[i][1] for i in good}
+        missing = [name for label, name in enumerate(classes) if label not in present]
+        if missing:
+            raise UsageError(f"{split}/ has no decodable image of class {', '.join(missing[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+        kept[split] = Subset(dataset, good) if len(good) < len(dataset) else dataset
+    if bad_names and not skip:
+        raise UsageError(f"{len(bad_names)} images cannot be decoded: {', '.join(bad_names[:5])}"
+                         f"{' ...' if len(bad_names) > 5 else ''} (fix or remove them, or give --skip-bad-images "
+                         f"to leave them out)")
+    return kept, bad_names
 
 
 def train_loader(dataset: Dataset, *, seed: int, rank: int, world_size: int, batch_size: int, workers: int,

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from .config import IMAGENET_1K, TRAIN_OPTIONS, Parser, UsageError, check_options, load_yaml_recipe
 from .data import (
     DEFAULT_WORKERS,
+    drop_undecodable,
     eval_loader,
     eval_transform,
     image_folder,
@@ -38,16 +39,20 @@ from .data import (
 )
 from .runtime import (
     AMP_DTYPES,
+    BEST_CHECKPOINT_NAME,
     CHECKPOINT_NAME,
     LOG_NAME,
     Dist,
     all_reduce_sum,
     all_rng_states,
     compile_model,
+    copy_checkpoint,
     count_parameters,
     create_model,
+    epoch_checkpoint_path,
     evaluate,
     load_checkpoint,
+    remove_epoch_checkpoints,
     run_cli,
     save_checkpoint,
     seed_all,
@@ -69,7 +74,7 @@ def build_parser() -> Parser:
                epilog="Unset options take the ImageNet-1K recipe of Table 11 (revcol_vit/config.py, "
                       "docs/vit_training.md).")
     defaults = dict(IMAGENET_1K, output="runs/revcol_vit", seed=0, model="revcol_vit_s", accum_steps=1, amp="none",
-                    workers=DEFAULT_WORKERS, compile=False)
+                    workers=DEFAULT_WORKERS, compile=False, skip_bad_images=False, keep_last=0)
     for title, options in TRAIN_OPTIONS.items():
         p.add_options(title, options, **defaults)
     return p
@@ -219,6 +224,18 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
     return loss_sum / (num_micro_batches // args.accum_steps)
 
 
+def keep_checkpoints(args, history: List[Dict[str, Any]], checkpoint: str, best_by: str) -> None:
+    """After ``checkpoint`` is written: ``checkpoint_best.pth`` if this epoch's ``best_by`` is the best so far, and
+    the last ``--keep-last`` epochs' ``checkpoint_epoch<E>.pth``."""
+    epoch = history[-1]["epoch"]
+    if history[-1][best_by] > max((row.get(best_by, -math.inf) for row in history[:-1]), default=-math.inf):
+        copy_checkpoint(checkpoint, os.path.join(args.output, BEST_CHECKPOINT_NAME))
+        _logger.info("epoch %d has the best %s so far: %s", epoch, best_by, BEST_CHECKPOINT_NAME)
+    if args.keep_last > 0:
+        copy_checkpoint(checkpoint, epoch_checkpoint_path(args.output, epoch))
+        remove_epoch_checkpoints(args.output, before=epoch - args.keep_last + 1)
+
+
 def train(args) -> List[Dict[str, Any]]:
     """Runs (or continues) training; returns one row per finished epoch, as written to log.csv."""
     d = setup_distributed(args.device)
@@ -237,14 +254,19 @@ def train(args) -> List[Dict[str, Any]]:
     torch.manual_seed(args.seed + d.rank)
 
     train_tf, eval_tf = build_transforms(args)
-    train_set = image_folder(args.data, "train", train_tf)
+    splits, bad = drop_undecodable({"train": image_folder(args.data, "train", train_tf),
+                                    "val": image_folder(args.data, "val", eval_tf)}, classes,
+                                   skip=args.skip_bad_images, threads=args.workers)
+    if bad and d.is_main:
+        _logger.warning("left out %d images that cannot be decoded (--skip-bad-images)", len(bad))
+    train_set = splits["train"]
     pin_memory = d.device.type == "cuda"
     loader = train_loader(train_set, seed=args.seed, rank=d.rank, world_size=d.world_size, batch_size=micro_batch,
                           workers=args.workers, pin_memory=pin_memory)
     updates_per_epoch = len(loader) // args.accum_steps
     if updates_per_epoch == 0:
         raise UsageError(f"{len(train_set)} training images do not fill one batch of {args.batch_size}")
-    val_loader = eval_loader(image_folder(args.data, "val", eval_tf), rank=d.rank, world_size=d.world_size,
+    val_loader = eval_loader(splits["val"], rank=d.rank, world_size=d.world_size,
                              batch_size=micro_batch, workers=args.workers, pin_memory=pin_memory)
     t = build_training(args, model, updates_per_epoch, d.device)
     if args.compile:  # after the EMA copy is taken: that copy stays eager
@@ -296,6 +318,7 @@ def train(args) -> List[Dict[str, Any]]:
         if d.is_main:
             save_checkpoint(dict(t.state_dict(), epoch=epoch + 1, args=vars(args), model_kwargs=kwargs,
                                  classes=classes, history=history, rng=rng), checkpoint)
+            keep_checkpoints(args, history, checkpoint, best_by="ema_top1" if t.ema is not None else "val_top1")
             write_csv(history, os.path.join(args.output, LOG_NAME))
             for key in ("val_loss", "val_top1", "val_top5", "ema_top1", "ema_top5"):
                 if key in row:

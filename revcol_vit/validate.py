@@ -9,14 +9,14 @@ is the one the run trained with.
 from typing import Dict, List, Optional
 
 from .config import VALIDATE_OPTIONS, Parser, UsageError, check_options
-from .data import DEFAULT_WORKERS, eval_loader, eval_transform, image_folder, list_classes
+from .data import DEFAULT_WORKERS, drop_undecodable, eval_loader, eval_transform, image_folder, list_classes
 from .runtime import AMP_DTYPES, create_model, evaluate, load_checkpoint, run_cli, setup_distributed
 
 
 def build_parser() -> Parser:
     p = Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_options(None, VALIDATE_OPTIONS, split="val", ema=False, batch_size=256, workers=DEFAULT_WORKERS,
-                  amp="none")
+                  amp="none", skip_bad_images=False)
     return p
 
 
@@ -42,12 +42,16 @@ def validate(args) -> Dict[str, float]:
     model.to(d.device)
     transform = eval_transform(trained["img_size"], interpolation=trained["interpolation"],
                                crop_pct=trained["crop_pct"])
-    loader = eval_loader(image_folder(args.data, args.split, transform), rank=d.rank, world_size=d.world_size,
+    splits, bad = drop_undecodable({args.split: image_folder(args.data, args.split, transform)}, classes,
+                                   skip=args.skip_bad_images, threads=args.workers)
+    loader = eval_loader(splits[args.split], rank=d.rank, world_size=d.world_size,
                          batch_size=args.batch_size, workers=args.workers, pin_memory=d.device.type == "cuda")
     metrics = evaluate(model, loader, d, AMP_DTYPES[args.amp])
     if d.is_main:
         weights = "EMA" if args.ema else "model"
-        print(f"{args.model} ({weights} weights, epoch {ckpt['epoch']}) on {args.split}: "
+        left_out = f", {len(bad)} undecodable left out" if bad else ""
+        print(f"{args.model} ({weights} weights, epoch {ckpt['epoch']}) on {args.split} ({metrics['images']} "
+              f"images{left_out}): "
               f"top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} loss {metrics['loss']:.4f}")
     return metrics
 

@@ -20,6 +20,7 @@ TRAIN_TABLE = {
     "output": ("out", ["a"], None),
     "resume": ("c.pth", 5, None),
     "seed": (3, "x", -1),
+    "keep_last": (2, "all", -1),
     "model": ("revcol_vit_b", 5, None),
     "img_size": (64, "big", 0),
     "drop_path": (0.2, "some", 1.0),
@@ -56,6 +57,7 @@ TRAIN_TABLE = {
     "workers": (2, "many", -1),
     "device": ("cpu", 0, None),
     "compile": (True, "yes", None),
+    "skip_bad_images": (True, 1, None),
     "variants": (["2x16"], "2x16x", ["3x11"]),  # the sweep's own
 }
 VALIDATE_TABLE = {
@@ -68,6 +70,7 @@ VALIDATE_TABLE = {
     "workers": (0, "some", -1),
     "amp": ("fp16", None, "fp32"),
     "device": ("cuda:1", None, None),
+    "skip_bad_images": (True, None, None),
 }
 
 

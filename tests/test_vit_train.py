@@ -265,6 +265,30 @@ def test_a_checkpoint_save_killed_midway_keeps_the_previous_epoch(small_digits, 
     assert [row["epoch"] for row in resumed] == [1, 2]
 
 
+def test_best_and_last_checkpoints_validate_and_resume(small_digits, tmp_path, capsys):
+    """--keep-last 2 keeps epochs 3 and 4 of 4; checkpoint_best.pth is the epoch of the best EMA top-1 (the EMA is
+    on); both are whole checkpoints that validate reads and --resume continues exactly."""
+    flags = [*NO_AUGMENTATION, "--epochs", "4", "--warmup-epochs", "0", "--batch-size", "32", "--lr", "1e-3",
+             "--lr-base-batch", "32", "--ema-decay", "0.5", "--keep-last", "2"]
+    history = run_train(small_digits, tmp_path / "run", *flags)
+    names = sorted(name for name in os.listdir(tmp_path / "run") if name.endswith(".pth"))
+    assert names == ["checkpoint.pth", "checkpoint_best.pth", "checkpoint_epoch3.pth", "checkpoint_epoch4.pth"]
+    best_top1 = max(row["ema_top1"] for row in history)
+    best_epoch = next(row["epoch"] for row in history if row["ema_top1"] == best_top1)
+    best = load_checkpoint(str(tmp_path / "run" / "checkpoint_best.pth"))
+    assert best["epoch"] == best_epoch and best["history"] == history[:best_epoch]
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint_epoch3.pth"))["epoch"] == 3
+
+    validate_main(["--model", "revcol_vit_s", "--checkpoint", str(tmp_path / "run" / "checkpoint_best.pth"),
+                   "--data", str(small_digits), "--workers", "0", "--ema"])
+    assert f"epoch {best_epoch}) on val (40 images): top-1 {best_top1:.2f}" in capsys.readouterr().out
+
+    resumed = run_train(small_digits, tmp_path / "run", *flags, "--resume",
+                        str(tmp_path / "run" / "checkpoint_epoch3.pth"))
+    assert resumed[3]["val_top1"] == history[3]["val_top1"]
+    assert resumed[3]["train_loss"] == pytest.approx(history[3]["train_loss"], rel=1e-6)
+
+
 def test_compiled_training_matches_eager(small_digits, tmp_path, monkeypatch):
     """``--compile``, with drop path on: the compiled levels replay the same masks as eager ones."""
     flags = [*NO_AUGMENTATION, "--drop-path", "0.3", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16",
@@ -334,13 +358,16 @@ def test_example_imagenet_recipe_is_table_11():
                                               "--workers", "10"])), "config": args.config}
 
 
-def make_folder(root: Path, empty_class: bool = False) -> Path:
+def make_folder(root: Path, case: str = "") -> Path:
+    """Two classes of one black image each; in "empty class" train/b has none, in "undecodable class" an empty file."""
     for split in ("train", "val"):
         for label in ("a", "b"):
             folder = root / split / label
             folder.mkdir(parents=True)
-            if not (empty_class and split == "train" and label == "b"):
+            if (split, label) != ("train", "b") or case not in ("empty class", "undecodable class"):
                 Image.new("RGB", (32, 32)).save(folder / "0.png")
+            elif case == "undecodable class":
+                (folder / "0.png").write_bytes(b"")
     return root
 
 
@@ -348,6 +375,7 @@ def make_folder(root: Path, empty_class: bool = False) -> Path:
     ("missing data", [], "data directory .*missing does not exist"),
     ("unknown model", ["--model", "revcol_vit_nope"], "unknown model 'revcol_vit_nope'"),
     ("empty class", [], r"class folder .*train[/\\]b has no images"),
+    ("undecodable class", ["--skip-bad-images"], "train/ has no decodable image of class b$"),
     ("indivisible batch", ["--batch-size", "30", "--accum-steps", "4"],
      "--batch-size 30 is not divisible by world size 1 x --accum-steps 4"),
     ("sizes that do not fit", ["--embed-dim", "30", "--num-heads", "4"],
@@ -356,7 +384,7 @@ def make_folder(root: Path, empty_class: bool = False) -> Path:
      "model resnet18 cannot be built with .*unexpected keyword"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, case, flags, message):
-    data = tmp_path / "missing" if case == "missing data" else make_folder(tmp_path / "data", case == "empty class")
+    data = tmp_path / "missing" if case == "missing data" else make_folder(tmp_path / "data", case)
     with pytest.raises(UsageError, match=message):
         run_train(data, tmp_path / "out", *flags)
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
@@ -395,14 +423,42 @@ def test_cli_prints_bad_input_as_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [f"error: data directory {tmp_path / 'missing'} does not exist"]
 
 
-def test_corrupt_image_is_skipped_with_a_warning(small_digits, tmp_path, caplog):
-    data = tmp_path / "data"
-    shutil.copytree(small_digits, data)
-    (data / "train" / "digit3" / "corrupt.png").write_bytes(b"not a png")
-    # 160 + 1 images in batches of 7: no batch is dropped, so the corrupt image is read.
-    history = run_train(data, tmp_path / "out", *NO_AUGMENTATION, "--epochs", "1", "--batch-size", "7")
-    assert history[0]["step"] == 23
-    assert "Skipped sample" in caplog.text and "corrupt.png" in caplog.text
+def with_undecodable_images(small_digits: Path, root: Path) -> Path:
+    """The small digits plus an undecodable PNG in train/digit3 and a truncated one in val/digit5."""
+    shutil.copytree(small_digits, root)
+    (root / "train" / "digit3" / "corrupt.png").write_bytes(b"not a png")
+    good = (root / "val" / "digit5").iterdir().__next__().read_bytes()
+    (root / "val" / "digit5" / "truncated.png").write_bytes(good[:len(good) // 2])
+    return root
+
+
+def test_undecodable_images_are_an_error_that_names_and_counts_them(small_digits, tmp_path, capsys):
+    data = with_undecodable_images(small_digits, tmp_path / "data")
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main(["--data", str(data), "--output", str(tmp_path / "out"), *TOY_MODEL, "--batch-size", "8"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"error: 2 images cannot be decoded: {data / 'train' / 'digit3' / 'corrupt.png'}, "
+                     f"{data / 'val' / 'digit5' / 'truncated.png'} (fix or remove them, or give --skip-bad-images "
+                     f"to leave them out)"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_skipped_undecodable_images_are_counted_once_and_never_trained_or_evaluated(small_digits, tmp_path, caplog,
+                                                                                     capsys):
+    data = with_undecodable_images(small_digits, tmp_path / "data")
+    # 160 real training images in batches of 7: 22 steps (the corrupt one would make 161, 23 steps).
+    history = run_train(data, tmp_path / "out", *NO_AUGMENTATION, "--epochs", "1", "--batch-size", "7",
+                        "--skip-bad-images")
+    assert history[0]["step"] == 22
+    assert caplog.text.count("left out 2 images that cannot be decoded (--skip-bad-images)") == 1
+    assert "Skipped sample" not in caplog.text  # timm's stand-in for a sample it cannot load never came up
+    assert history[0]["val_top1"] * 40 / 100 == pytest.approx(round(history[0]["val_top1"] * 40 / 100))
+    validate_main(["--model", "revcol_vit_s", "--checkpoint", str(tmp_path / "out" / "checkpoint.pth"), "--data",
+                   str(data), "--workers", "0", "--skip-bad-images"])
+    out = capsys.readouterr().out
+    assert "on val (40 images, 1 undecodable left out): top-1 " in out  # 40 real, not 41 with a stand-in
+    assert f"top-1 {history[0]['val_top1']:.2f}" in out
 
 
 class RunsCode:

@@ -233,6 +233,9 @@ TRAIN_OPTIONS: Dict[Optional[str], Dict[str, Option]] = {
         output=Option(help="checkpoint, log.csv and tensorboard folder"),
         resume=Option(optional=True, help="checkpoint to continue from (checkpoint.pth, checkpoint_best.pth or a "
                                           "kept checkpoint_epoch<E>.pth)"),
+        initial_checkpoint=Option(optional=True, help="fine-tune: start from the weights (the EMA's if any) of this "
+                                                      "checkpoint; a new head for other classes, the position "
+                                                      "embedding resampled to --img-size; no optimizer state"),
         keep_last=Option(int, at_least=0, help="also keep the checkpoints of the last N epochs, "
                                                "checkpoint_epoch<E>.pth (default 0: none)"),
         seed=Option(int, at_least=0),

@@ -114,6 +114,8 @@ def sweep(args) -> List[Dict[str, Any]]:
         raise UsageError("the sweep sets the model per variant; drop --model")
     if args.columns is not None or args.depths is not None:
         raise UsageError("the variants fix the columns and depths; drop --columns/--depths")
+    if args.initial_checkpoint is not None:
+        raise UsageError("the sweep trains every variant from scratch; drop --initial-checkpoint")
     d = setup_distributed(args.device)
     num_classes = len(list_classes(args.data))
     rows = []

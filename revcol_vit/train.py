@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from timm.data import Mixup
+from timm.layers import resample_abs_pos_embed, to_2tuple
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -103,6 +104,42 @@ def model_kwargs(args, num_classes: int) -> Dict[str, Any]:
         if value is not None:
             kwargs[name] = tuple(value) if isinstance(value, list) else value
     return kwargs
+
+
+def initial_weights(path: str, model_name: str) -> Dict[str, Any]:
+    """The checkpoint ``--initial-checkpoint`` names: a revcol_vit.train checkpoint of ``model_name``."""
+    ckpt = load_checkpoint(path)
+    if ckpt["args"]["model"] != model_name:
+        raise UsageError(f"--initial-checkpoint {path} holds {ckpt['args']['model']}, not {model_name}")
+    return ckpt
+
+
+def fine_tuning_kwargs(args, num_classes: int, initial: Dict[str, Any]) -> Dict[str, Any]:
+    """The initial checkpoint's model, with the sizes this run sets (its classes and image size at least)."""
+    return {**initial["model_kwargs"], **model_kwargs(args, num_classes)}
+
+
+def load_initial_weights(model: nn.Module, initial: Dict[str, Any], path: str) -> str:
+    """Loads a trained model's weights (its EMA's, if it has one, as timm does) into a new run's ``model``: a head
+    of another number of classes stays freshly initialized, and the position embedding is resampled (bicubic) to
+    the new image size. Returns which weights were loaded."""
+    weights = "ema" if initial["ema"] is not None else "model"
+    state = dict(initial[weights])
+    old_grid = [size // model.patch_embed.stride[0] for size in to_2tuple(initial["model_kwargs"]["img_size"])]
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(model.grid_size),
+                                                old_size=old_grid, num_prefix_tokens=0)
+    head = {name for name in state if name.startswith("head.")}
+    if state["head.weight"].shape != model.head.weight.shape:
+        state = {name: value for name, value in state.items() if name not in head}
+    own = model.state_dict()
+    misfits = [f"{name} {tuple(value.shape)} vs {tuple(own[name].shape)}" for name, value in state.items()
+               if name in own and value.shape != own[name].shape]
+    missing, unexpected = set(own) - set(state) - head, set(state) - set(own)
+    if misfits or missing or unexpected:
+        raise UsageError(f"--initial-checkpoint {path} does not fit this model: "
+                         f"{', '.join(misfits or sorted(missing) or sorted(unexpected))}")
+    model.load_state_dict(state, strict=False)
+    return weights
 
 
 def build_transforms(args):
@@ -247,10 +284,16 @@ def train(args) -> List[Dict[str, Any]]:
         raise UsageError(f"{args.output} already holds a checkpoint: continue it with --resume {checkpoint}, "
                          f"or train into another --output")
     classes = list_classes(args.data)
-    kwargs = model_kwargs(args, len(classes))
+    initial = initial_weights(args.initial_checkpoint, args.model) if args.initial_checkpoint else None
+    kwargs = fine_tuning_kwargs(args, len(classes), initial) if initial else model_kwargs(args, len(classes))
     seed_all(args.seed + d.rank)  # ranks draw different augmentations
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = create_model(args.model, **kwargs).to(d.device)
+    model = create_model(args.model, **kwargs)
+    if initial:  # weights only: optimizer, schedule and EMA start afresh (--resume restores a whole run instead)
+        weights = load_initial_weights(model, initial, args.initial_checkpoint)
+        _logger.info("fine-tuning the %s weights of %s (epoch %d)", weights, args.initial_checkpoint,
+                     initial["epoch"])
+    model.to(d.device)
     torch.manual_seed(args.seed + d.rank)
 
     train_tf, eval_tf = build_transforms(args)

@@ -21,6 +21,7 @@ TRAIN_TABLE = {
     "resume": ("c.pth", 5, None),
     "seed": (3, "x", -1),
     "keep_last": (2, "all", -1),
+    "initial_checkpoint": ("c.pth", 5, None),
     "model": ("revcol_vit_b", 5, None),
     "img_size": (64, "big", 0),
     "drop_path": (0.2, "some", 1.0),

@@ -289,6 +289,42 @@ def test_best_and_last_checkpoints_validate_and_resume(small_digits, tmp_path, c
     assert resumed[3]["train_loss"] == pytest.approx(history[3]["train_loss"], rel=1e-6)
 
 
+def test_fine_tuning_at_another_resolution_on_other_classes(trained, small_digits, tmp_path, capsys):
+    """Train (the 32 px, 10-class run), then fine-tune at 48 px on 5 classes: one epoch at an lr of 1e-12, so the
+    fine-tuned weights are the loaded ones. The backbone is the trained one, the position embedding its 4x4 grid
+    resampled to 6x6, the head new; optimizer, schedule and step start afresh."""
+    source_dir, _ = trained
+    data = tmp_path / "five"
+    for split in ("train", "val"):
+        for digit in range(5):
+            shutil.copytree(small_digits / split / f"digit{digit}", data / split / f"digit{digit}")
+    source = load_checkpoint(str(source_dir / "checkpoint.pth"))
+    train_module.main(["--data", str(data), "--output", str(tmp_path / "tuned"), *TOY_MODEL, *NO_AUGMENTATION,
+                       "--img-size", "48", "--initial-checkpoint", str(source_dir / "checkpoint.pth"),
+                       "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16", "--lr", "1e-12",
+                       "--lr-base-batch", "16", "--min-lr", "0", "--weight-decay", "0"])
+    tuned = load_checkpoint(str(tmp_path / "tuned" / "checkpoint.pth"))
+    assert tuned["model_kwargs"]["img_size"] == 48 and tuned["model_kwargs"]["num_classes"] == 5
+    assert tuned["step"] == 5 and tuned["epoch"] == 1  # 80 images in batches of 16, counted from 0
+    assert {state["step"].item() for state in tuned["optimizer"]["state"].values()} == {5.0}
+    before, after = source["model"], tuned["model"]
+    assert before["pos_embed"].shape == (1, 16, 32) and after["pos_embed"].shape == (1, 36, 32)
+    grid = before["pos_embed"].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    resampled = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", antialias=True)
+    assert torch.allclose(after["pos_embed"], resampled.permute(0, 2, 3, 1).reshape(1, 36, 32), atol=1e-6)
+    assert after["head.weight"].shape == (5, 32)
+    for name, weight in before.items():
+        if not name.startswith(("head.", "pos_embed")):
+            assert torch.allclose(after[name], weight, rtol=0, atol=1e-6), name
+
+    validate_main(["--model", "revcol_vit_s", "--checkpoint", str(tmp_path / "tuned" / "checkpoint.pth"), "--data",
+                   str(data), "--workers", "0"])
+    assert "on val (20 images): top-1 " in capsys.readouterr().out
+    with pytest.raises(UsageError, match="--initial-checkpoint .* holds revcol_vit_s, not revcol_vit_b"):
+        run_train(data, tmp_path / "b", "--model", "revcol_vit_b", "--initial-checkpoint",
+                  str(source_dir / "checkpoint.pth"))
+
+
 def test_compiled_training_matches_eager(small_digits, tmp_path, monkeypatch):
     """``--compile``, with drop path on: the compiled levels replay the same masks as eager ones."""
     flags = [*NO_AUGMENTATION, "--drop-path", "0.3", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16",

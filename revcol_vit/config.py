@@ -7,6 +7,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import yaml
 
+from revcol import GAMMA_MIN
+
 
 class UsageError(ValueError):
     """Bad input the user can fix: the CLIs print it as one line and exit."""
@@ -250,6 +252,10 @@ TRAIN_OPTIONS: Dict[Optional[str], Dict[str, Option]] = {
         patch_size=SIZE,
         columns=SIZE,
         depths=Option(int, count="+", at_least=1, optional=True, help="blocks per level of a column"),
+        gamma_init=Option(float, at_least=GAMMA_MIN, optional=True,
+                          help="initial gamma of the reversible connections (default: the model's, 0.5)"),
+        mlp_ratio=Option(float, above=0, optional=True, help="MLP hidden width over the embedding width"),
+        drop=Option(float, at_least=0, below=1, optional=True, help="dropout rate before the head"),
         reversible=Option(bool, optional=True,
                           help="reversible backward (activation memory flat in the number of columns)"),
     ),
@@ -265,6 +271,10 @@ TRAIN_OPTIONS: Dict[Optional[str], Dict[str, Option]] = {
         opt=Option(choices=_timm_optimizers(), choices_are="the names of timm.optim.list_optimizers()"),
         opt_betas=Option(float, count=2, at_least=0, below=1),
         weight_decay=NON_NEGATIVE,
+        layer_decay=Option(float, above=0, at_most=1, optional=True,
+                           help="layer-wise lr decay: each group of the model's group_matcher (stem, then every "
+                                "level's fusion and blocks, column by column, then the head) gets this factor "
+                                "times the next group's lr; unset: one lr for all"),
         clip_grad=Option(float, above=0, optional=True, help="max gradient norm (default: no clipping)"),
         ema_decay=Option(float, at_least=0, below=1, help="0 turns the EMA of the weights off"),
         amp=Option(choices=AMP_CHOICES),

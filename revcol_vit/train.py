@@ -67,7 +67,8 @@ _logger = logging.getLogger("revcol_vit.train")
 
 # Model flags and the keyword arguments of the RevCol-ViT models they set.
 MODEL_FLAGS = dict(embed_dim="embed_dim", num_heads="num_heads", patch_size="patch_size", columns="num_columns",
-                   depths="depths", drop_path="drop_path_rate", reversible="reversible")
+                   depths="depths", drop_path="drop_path_rate", reversible="reversible", gamma_init="gamma_init",
+                   mlp_ratio="mlp_ratio", drop="drop_rate")
 
 
 def build_parser() -> Parser:
@@ -188,7 +189,9 @@ class Training:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The schedule's lr (that of the head's group with --layer-decay, whose scale is 1)."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
 
 
 def peak_lr(args) -> float:
@@ -198,7 +201,7 @@ def peak_lr(args) -> float:
 
 def build_training(args, model: nn.Module, updates_per_epoch: int, device: torch.device) -> Training:
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=peak_lr(args), weight_decay=args.weight_decay,
-                                    betas=tuple(args.opt_betas))
+                                    betas=tuple(args.opt_betas), layer_decay=args.layer_decay)
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.epochs,
                                        warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
                                        warmup_lr=args.warmup_lr, step_on_epochs=False,

@@ -325,6 +325,38 @@ def test_fine_tuning_at_another_resolution_on_other_classes(trained, small_digit
                   str(source_dir / "checkpoint.pth"))
 
 
+def expected_layer(name: str, levels: int) -> int:
+    """The layer-decay depth of a parameter of the toy model (one block per level): the stem is 0, then each
+    level's fusion and its block (with the level's gamma), column by column, then norm and head last."""
+    if name.startswith(("patch_embed", "pos_embed")):
+        return 0
+    if name.startswith(("norm", "head")):
+        return 2 * 2 * levels + 1
+    column, kind, level = re.match(r"revcol\.columns\.(\d+)\.(levels|gammas)\.(\d+)", name).groups()
+    first = 1 + 2 * (int(column) * levels + int(level))
+    return first if kind == "levels" and ".fusion." in name else first + 1
+
+
+def test_layer_decay_and_model_options(small_digits, tmp_path):
+    """One AdamW step (no weight decay) moves each weight by at most its group's lr (the first step is lr x the
+    gradient's sign): with --layer-decay 0.8 that is 0.8^(depth from the head) x the lr. --gamma-init, --mlp-ratio
+    and --drop reach timm.create_model."""
+    run_train(small_digits, tmp_path, *NO_AUGMENTATION, "--epochs", "1", "--warmup-epochs", "0", "--batch-size",
+              "160", "--lr", "1e-3", "--lr-base-batch", "160", "--weight-decay", "0", "--layer-decay", "0.8",
+              "--gamma-init", "0.25", "--mlp-ratio", "2", "--drop", "0.1")
+    ckpt = load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert {k: ckpt["model_kwargs"][k] for k in ("gamma_init", "mlp_ratio", "drop_rate")} == dict(
+        gamma_init=0.25, mlp_ratio=2.0, drop_rate=0.1)
+    torch.manual_seed(0)  # train() builds the model from --seed 0
+    initial = create_model("revcol_vit_s", **ckpt["model_kwargs"]).state_dict()
+    assert all((initial[name] == 0.25).all() for name in initial if ".gammas." in name)
+    assert initial["revcol.columns.0.levels.0.blocks.0.mlp.fc1.weight"].shape == (64, 32)
+    top = expected_layer("head.weight", levels=4)
+    for name, weight in ckpt["model"].items():
+        moved = (weight - initial[name]).abs().max().item()
+        assert moved == pytest.approx(1e-3 * 0.8 ** (top - expected_layer(name, levels=4)), rel=2e-2), name
+
+
 def test_compiled_training_matches_eager(small_digits, tmp_path, monkeypatch):
     """``--compile``, with drop path on: the compiled levels replay the same masks as eager ones."""
     flags = [*NO_AUGMENTATION, "--drop-path", "0.3", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16",

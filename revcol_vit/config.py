@@ -231,7 +231,10 @@ SKIP_BAD_IMAGES = Option(bool, help="leave out the images that cannot be decoded
 TRAIN_OPTIONS: Dict[Optional[str], Dict[str, Option]] = {
     None: dict(
         config=Option(optional=True, help="YAML recipe file; flags on the command line override it"),
-        data=Option(optional=True, help="folder with train/<class>/* and val/<class>/*"),
+        data=Option(optional=True, help="folder with train/<class>/* and val/<class>/* (or train.tar and val.tar of "
+                                        "<class>/*)"),
+        dataset=Option(help="timm dataset name for create_dataset (default '': an image folder or tar per split); "
+                            "map-style datasets only"),
         output=Option(help="checkpoint, log.csv and tensorboard folder"),
         resume=Option(optional=True, help="checkpoint to continue from (checkpoint.pth, checkpoint_best.pth or a "
                                           "kept checkpoint_epoch<E>.pth)"),

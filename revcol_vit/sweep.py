@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from revcol import PeakBytes, write_atomically
 
 from .config import Option, Parser, UsageError
-from .data import list_classes
+from .data import open_splits
 from .model import VARIANTS
 from .runtime import CHECKPOINT_NAME, count_parameters, create_model, run_cli, setup_distributed, write_csv
 from .train import build_parser, model_kwargs, parse_args, train
@@ -117,7 +117,7 @@ def sweep(args) -> List[Dict[str, Any]]:
     if args.initial_checkpoint is not None:
         raise UsageError("the sweep trains every variant from scratch; drop --initial-checkpoint")
     d = setup_distributed(args.device)
-    num_classes = len(list_classes(args.data))
+    num_classes = len(open_splits(args.dataset, args.data, {"train": None, "val": None})[1])
     rows = []
     for variant in args.variants:
         run = argparse.Namespace(**vars(args))

@@ -33,8 +33,7 @@ from .data import (
     drop_undecodable,
     eval_loader,
     eval_transform,
-    image_folder,
-    list_classes,
+    open_splits,
     train_loader,
     train_transform,
 )
@@ -76,7 +75,7 @@ def build_parser() -> Parser:
                epilog="Unset options take the ImageNet-1K recipe of Table 11 (revcol_vit/config.py, "
                       "docs/vit_training.md).")
     defaults = dict(IMAGENET_1K, output="runs/revcol_vit", seed=0, model="revcol_vit_s", accum_steps=1, amp="none",
-                    workers=DEFAULT_WORKERS, compile=False, skip_bad_images=False, keep_last=0)
+                    workers=DEFAULT_WORKERS, compile=False, skip_bad_images=False, keep_last=0, dataset="")
     for title, options in TRAIN_OPTIONS.items():
         p.add_options(title, options, **defaults)
     return p
@@ -286,7 +285,8 @@ def train(args) -> List[Dict[str, Any]]:
     if not args.resume and os.path.exists(checkpoint):
         raise UsageError(f"{args.output} already holds a checkpoint: continue it with --resume {checkpoint}, "
                          f"or train into another --output")
-    classes = list_classes(args.data)
+    train_tf, eval_tf = build_transforms(args)
+    splits, classes = open_splits(args.dataset, args.data, {"train": train_tf, "val": eval_tf})
     initial = initial_weights(args.initial_checkpoint, args.model) if args.initial_checkpoint else None
     kwargs = fine_tuning_kwargs(args, len(classes), initial) if initial else model_kwargs(args, len(classes))
     seed_all(args.seed + d.rank)  # ranks draw different augmentations
@@ -299,10 +299,7 @@ def train(args) -> List[Dict[str, Any]]:
     model.to(d.device)
     torch.manual_seed(args.seed + d.rank)
 
-    train_tf, eval_tf = build_transforms(args)
-    splits, bad = drop_undecodable({"train": image_folder(args.data, "train", train_tf),
-                                    "val": image_folder(args.data, "val", eval_tf)}, classes,
-                                   skip=args.skip_bad_images, threads=args.workers)
+    splits, bad = drop_undecodable(splits, classes, skip=args.skip_bad_images, threads=args.workers)
     if bad and d.is_main:
         _logger.warning("left out %d images that cannot be decoded (--skip-bad-images)", len(bad))
     train_set = splits["train"]

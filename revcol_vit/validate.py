@@ -9,7 +9,7 @@ is the one the run trained with.
 from typing import Dict, List, Optional
 
 from .config import VALIDATE_OPTIONS, Parser, UsageError, check_options
-from .data import DEFAULT_WORKERS, drop_undecodable, eval_loader, eval_transform, image_folder, list_classes
+from .data import DEFAULT_WORKERS, drop_undecodable, eval_loader, eval_transform, open_splits
 from .runtime import AMP_DTYPES, create_model, evaluate, load_checkpoint, run_cli, setup_distributed
 
 
@@ -32,7 +32,9 @@ def validate(args) -> Dict[str, float]:
         raise UsageError(f"checkpoint {args.checkpoint} holds {trained['model']}, not {args.model}")
     if args.ema and ckpt["ema"] is None:
         raise UsageError(f"checkpoint {args.checkpoint} has no EMA weights (trained with --ema-decay 0)")
-    classes = list_classes(args.data, splits=(args.split,))
+    transform = eval_transform(trained["img_size"], interpolation=trained["interpolation"],
+                               crop_pct=trained["crop_pct"])
+    splits, classes = open_splits(trained.get("dataset", ""), args.data, {args.split: transform})
     if classes != ckpt["classes"]:
         raise UsageError(f"classes of {args.data} differ from the {len(ckpt['classes'])} the checkpoint was "
                          f"trained on")
@@ -40,10 +42,7 @@ def validate(args) -> Dict[str, float]:
     model = create_model(args.model, **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["ema"] if args.ema else ckpt["model"])
     model.to(d.device)
-    transform = eval_transform(trained["img_size"], interpolation=trained["interpolation"],
-                               crop_pct=trained["crop_pct"])
-    splits, bad = drop_undecodable({args.split: image_folder(args.data, args.split, transform)}, classes,
-                                   skip=args.skip_bad_images, threads=args.workers)
+    splits, bad = drop_undecodable(splits, classes, skip=args.skip_bad_images, threads=args.workers)
     loader = eval_loader(splits[args.split], rank=d.rank, world_size=d.world_size,
                          batch_size=args.batch_size, workers=args.workers, pin_memory=d.device.type == "cuda")
     metrics = evaluate(model, loader, d, AMP_DTYPES[args.amp])

@@ -17,6 +17,7 @@ from revcol_vit.validate import parse_args as validate_parse_args
 TRAIN_TABLE = {
     "config": (None, 5, None),
     "data": ("d", 5, None),
+    "dataset": ("hfds/beans", 5, None),
     "output": ("out", ["a"], None),
     "resume": ("c.pth", 5, None),
     "seed": (3, "x", -1),

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -355,6 +356,28 @@ def test_layer_decay_and_model_options(small_digits, tmp_path):
     for name, weight in ckpt["model"].items():
         moved = (weight - initial[name]).abs().max().item()
         assert moved == pytest.approx(1e-3 * 0.8 ** (top - expected_layer(name, levels=4)), rel=2e-2), name
+
+
+def test_tar_per_split_trains_like_the_folder(small_digits, tmp_path, capsys):
+    """train.tar and val.tar of <class>/<image>, made from the toy folders, go through timm's tar reader: the same
+    samples in the same order, so the same run as from the folders."""
+    data = tmp_path / "tars"
+    data.mkdir()
+    for split in ("train", "val"):
+        with tarfile.open(data / f"{split}.tar", "w") as tar:
+            for folder in sorted((small_digits / split).iterdir()):
+                tar.add(folder, arcname=folder.name)
+    flags = [*NO_AUGMENTATION, "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16", "--lr", "1e-3",
+             "--lr-base-batch", "16"]
+    from_tars = run_train(data, tmp_path / "tar_run", *flags)
+    from_folders = run_train(small_digits, tmp_path / "folder_run", *flags)
+    for key in ("step", "train_loss", "val_loss", "val_top1"):
+        assert from_tars[0][key] == pytest.approx(from_folders[0][key], rel=1e-6), key
+    validate_main(["--model", "revcol_vit_s", "--checkpoint", str(tmp_path / "tar_run" / "checkpoint.pth"), "--data",
+                   str(data), "--workers", "0"])
+    assert f"on val (40 images): top-1 {from_tars[0]['val_top1']:.2f}" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="--dataset 'wds/digits' cannot open split train"):
+        run_train(data, tmp_path / "wds", "--dataset", "wds/digits")
 
 
 def test_compiled_training_matches_eager(small_digits, tmp_path, monkeypatch):

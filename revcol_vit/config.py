@@ -297,6 +297,8 @@ TRAIN_OPTIONS: Dict[Optional[str], Dict[str, Option]] = {
     "runtime": dict(
         workers=Option(int, at_least=0, help="data loading processes per rank (default: 8, or fewer CPU cores)"),
         skip_bad_images=SKIP_BAD_IMAGES,
+        log_interval=Option(int, at_least=0, help="a log line every N optimizer steps: loss, lr, img/s, peak GPU "
+                                                  "memory (default 100; 0: none)"),
         device=Option(optional=True, help="default: cuda (this rank's GPU) if available, else cpu"),
         compile=Option(bool, help="torch.compile the model (a RevCol model: each level function, the reversible "
                                   "backward stays eager); the first steps are slow while it compiles"),

@@ -75,7 +75,8 @@ def build_parser() -> Parser:
                epilog="Unset options take the ImageNet-1K recipe of Table 11 (revcol_vit/config.py, "
                       "docs/vit_training.md).")
     defaults = dict(IMAGENET_1K, output="runs/revcol_vit", seed=0, model="revcol_vit_s", accum_steps=1, amp="none",
-                    workers=DEFAULT_WORKERS, compile=False, skip_bad_images=False, keep_last=0, dataset="")
+                    workers=DEFAULT_WORKERS, compile=False, skip_bad_images=False, keep_last=0, dataset="",
+                    log_interval=100)
     for title, options in TRAIN_OPTIONS.items():
         p.add_options(title, options, **defaults)
     return p
@@ -221,6 +222,27 @@ def build_loss(args, num_classes: int):
     return None, nn.CrossEntropyLoss()
 
 
+class IntervalLog:
+    """A log line every ``interval`` optimizer steps (counted over the run): loss, lr, images per second over all
+    ranks since the previous line, and the peak CUDA memory of this rank ("-" on CPU)."""
+
+    def __init__(self, interval: int, batch_size: int, device: torch.device, desc: str, steps_in_epoch: int):
+        self.interval, self.batch_size, self.device = interval, batch_size, device
+        self.desc, self.steps_in_epoch = desc, steps_in_epoch
+        self.since, self.since_step = time.time(), 0
+
+    def step(self, step: int, epoch_step: int, loss: float, lr: float) -> None:
+        if self.interval == 0 or step % self.interval != 0:
+            return
+        now = time.time()
+        images_per_s = (epoch_step - self.since_step) * self.batch_size / max(now - self.since, 1e-9)
+        memory = (f"{torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MB" if self.device.type == "cuda"
+                  else "-")
+        _logger.info("%s, step %d/%d (%d in all): loss %.4f, lr %.3g, %.1f img/s, peak memory %s", self.desc,
+                     epoch_step, self.steps_in_epoch, step, loss, lr, images_per_s, memory)
+        self.since, self.since_step = now, epoch_step
+
+
 def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_batches: int, mixup, criterion,
                     args, d: Dist, writer, desc: str) -> float:
     """One pass over the epoch's micro-batches; returns the mean loss of its optimizer steps."""
@@ -228,6 +250,8 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
     t.model.train()
     progress = tqdm(micro_batches, total=num_micro_batches, desc=desc, disable=not d.is_main, dynamic_ncols=True)
     loss_sum, micro_loss = 0.0, torch.zeros((), device=d.device)
+    log = IntervalLog(args.log_interval if d.is_main else 0, args.batch_size, d.device, desc,
+                      num_micro_batches // args.accum_steps)
     for i, (images, targets) in enumerate(progress):
         images, targets = images.to(d.device, non_blocking=True), targets.to(d.device, non_blocking=True)
         if mixup is not None:
@@ -260,6 +284,7 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
             writer.add_scalar("train/loss", step_loss, t.num_updates)
             writer.add_scalar("train/lr", t.lr, t.num_updates)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{t.lr:.3g}")
+        log.step(t.num_updates, (i + 1) // args.accum_steps, step_loss, t.lr)
     return loss_sum / (num_micro_batches // args.accum_steps)
 
 

@@ -61,6 +61,7 @@ TRAIN_TABLE = {
     "interpolation": ("bilinear", 3, "cubic"),
     "crop_pct": (0.9, "most", 0),
     "workers": (2, "many", -1),
+    "log_interval": (10, "often", -1),
     "device": ("cpu", 0, None),
     "compile": (True, "yes", None),
     "skip_bad_images": (True, 1, None),

@@ -380,6 +380,20 @@ def test_tar_per_split_trains_like_the_folder(small_digits, tmp_path, capsys):
         run_train(data, tmp_path / "wds", "--dataset", "wds/digits")
 
 
+def test_log_interval_logs_throughput_and_memory_every_n_steps(small_digits, tmp_path, caplog):
+    """160 images in batches of 16 for 2 epochs: 20 steps, a line at steps 6, 12 and 18."""
+    with caplog.at_level("INFO", logger="revcol_vit.train"):
+        run_train(small_digits, tmp_path, *NO_AUGMENTATION, "--epochs", "2", "--warmup-epochs", "0", "--batch-size",
+                  "16", "--lr", "1e-4", "--lr-base-batch", "16", "--log-interval", "6")
+    lines = [record.getMessage() for record in caplog.records if "img/s" in record.getMessage()]
+    pattern = (r"epoch (\d)/2, step (\d+)/10 \((\d+) in all\): loss \d\.\d{4}, lr [\d.e-]+, ([\d.]+) img/s, "
+               r"peak memory -$")
+    matches = [re.match(pattern, line) for line in lines]
+    assert all(matches), lines
+    assert [tuple(int(g) for g in m.groups()[:3]) for m in matches] == [(1, 6, 6), (2, 2, 12), (2, 8, 18)]
+    assert all(float(m.group(4)) > 0 for m in matches)
+
+
 def test_compiled_training_matches_eager(small_digits, tmp_path, monkeypatch):
     """``--compile``, with drop path on: the compiled levels replay the same masks as eager ones."""
     flags = [*NO_AUGMENTATION, "--drop-path", "0.3", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16",

@@ -189,7 +189,7 @@ class Training:
 
     @property
     def lr(self) -> float:
-        """The schedule's lr (that of the head's group with --layer-decay, whose scale is 1)."""
+        """The schedule's lr; with --layer-decay that of the head, every other group has it times its lr_scale."""
         group = self.optimizer.param_groups[0]
         return group["lr"] / group.get("lr_scale", 1.0)
 

@@ -170,7 +170,8 @@ def drop_undecodable(splits: Dict[str, Dataset], classes: Sequence[str], *, skip
                              f"{' ...' if len(missing) > 5 else ''}")
         kept[split] = Subset(dataset, good) if len(good) < len(dataset) else dataset
     if bad_names and not skip:
-        raise UsageError(f"{len(bad_names)} images cannot be decoded: {', '.join(bad_names[:5])}"
+        count = f"{len(bad_names)} image{'s' if len(bad_names) > 1 else ''}"
+        raise UsageError(f"{count} cannot be decoded: {', '.join(bad_names[:5])}"
                          f"{' ...' if len(bad_names) > 5 else ''} (fix or remove them, or give --skip-bad-images "
                          f"to leave them out)")
     return kept, bad_names

@@ -326,7 +326,8 @@ def train(args) -> List[Dict[str, Any]]:
 
     splits, bad = drop_undecodable(splits, classes, skip=args.skip_bad_images, threads=args.workers)
     if bad and d.is_main:
-        _logger.warning("left out %d images that cannot be decoded (--skip-bad-images)", len(bad))
+        _logger.warning("left out %d image%s that cannot be decoded (--skip-bad-images)", len(bad),
+                        "s" if len(bad) > 1 else "")
     train_set = splits["train"]
     pin_memory = d.device.type == "cuda"
     loader = train_loader(train_set, seed=args.seed, rank=d.rank, world_size=d.world_size, batch_size=micro_batch,

@@ -1,8 +1,13 @@
 """The ImageNet-1K training recipe of Table 11 (Appendix D.2) and YAML recipe files that override it."""
 import argparse
-from typing import Any, Dict
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple, Union
 
 import yaml
+
+from revcol import GAMMA_MIN
 
 
 class UsageError(ValueError):
@@ -39,10 +44,150 @@ IMAGENET_1K: Dict[str, Any] = dict(
 )
 
 
-def load_yaml_recipe(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+# --- the typed schema of every option -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Option:
+    """One option's type, count, range and choices: flags and YAML values are checked against the same schema.
+
+    ``kind`` is int, float, str or bool. ``count`` is None for one value, n for exactly n, "+" for one or more.
+    Bounds apply to every value; ``ordered`` asks a pair to be (low, high). ``optional`` allows None (unset).
+    """
+    kind: type = str
+    count: Union[None, int, str] = None
+    at_least: Optional[float] = None
+    above: Optional[float] = None
+    below: Optional[float] = None
+    at_most: Optional[float] = None
+    choices: Optional[Tuple[str, ...]] = None
+    ordered: bool = False
+    optional: bool = False
+    required: bool = False  # a flag the command line must give (validate's; train's --data may come from YAML)
+    help: Optional[str] = None
+    choices_are: Optional[str] = None  # the choices in words, where they are too many to list
+
+
+    def describe(self) -> str:
+        """What a valid value is, in words: 'an integer >= 1', 'a list of 2 numbers in (0, 1], low <= high'."""
+        many = None if self.count is None else "one or more" if self.count == "+" else str(self.count)
+        if self.kind is bool:
+            return "true or false"
+        if self.choices is not None:
+            what = self.choices_are or ", ".join(self.choices)
+            return f"one of {what}" if many is None else f"a list of {many} of {what}"
+        noun = {int: "integer", float: "number", str: "string"}[self.kind]
+        bounds = ""
+        lower = f"[{self.at_least:g}" if self.at_least is not None else None
+        lower = f"({self.above:g}" if self.above is not None else lower
+        upper = f"{self.below:g})" if self.below is not None else None
+        upper = f"{self.at_most:g}]" if self.at_most is not None else upper
+        if lower and upper:
+            bounds = f" in {lower}, {upper}"
+        elif lower:
+            bounds = f" {'>=' if lower[0] == '[' else '>'} {lower[1:]}"
+        elif upper:
+            bounds = f" {'<=' if upper[-1] == ']' else '<'} {upper[:-1]}"
+        if many is None:
+            return f"{'an' if noun == 'integer' else 'a'} {noun}{bounds}"
+        return f"a list of {many} {noun}s{bounds}" + (", low <= high" if self.ordered else "")
+
+    def convert_one(self, value: Any) -> Any:
+        """One value, from a flag (a string) or YAML (a string, number or bool), converted and range-checked.
+
+        A flag's text and the same text in YAML give the same value: 16.7 is no integer in either place, and YAML's
+        ``yes`` (a bool) is no number.
+        """
+        if self.kind is bool:
+            ok = isinstance(value, bool)
+        elif self.kind is str:
+            ok = isinstance(value, str)
+        elif isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            ok = False
+        elif self.kind is int:
+            ok = isinstance(value, int) or (isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()))
+            value = int(value) if ok else value
+        else:
+            try:
+                value, ok = float(value), True
+            except ValueError:
+                ok = False
+            ok = ok and math.isfinite(value)
+        if not ok or not self._in_range(value):
+            raise ValueError(value)
+        return value
+
+    def _in_range(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        return ((self.at_least is None or value >= self.at_least) and (self.above is None or value > self.above)
+                and (self.below is None or value < self.below) and (self.at_most is None or value <= self.at_most))
+
+    def convert(self, value: Any) -> Any:
+        """A whole value (a list where ``count`` asks for one); ValueError if it is not what the option takes."""
+        if value is None:
+            if not self.optional:
+                raise ValueError(value)
+            return None
+        if self.count is None:
+            return self.convert_one(value)
+        if not isinstance(value, (list, tuple)) or (len(value) == 0 if self.count == "+" else len(value) != self.count):
+            raise ValueError(value)
+        values = [self.convert_one(v) for v in value]
+        if self.ordered and values != sorted(values):
+            raise ValueError(value)
+        return values
+
+    def argparse_type(self, value: str) -> Any:
+        """``type=`` of the flag: one command-line word."""
+        try:
+            return self.convert_one(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {value!r}") from None
+
+
+class Parser(argparse.ArgumentParser):
+    """Bad flags raise UsageError, which the CLIs print as one line (argparse prints its usage block too)."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+    def add_options(self, title: Optional[str], options: Dict[str, Option], **defaults: Any) -> None:
+        """Adds ``--name`` flags for the schema's ``options`` (a group if ``title``), with these defaults."""
+        group = self.add_argument_group(title) if title else self
+        for name, option in options.items():
+            flag = "--" + name.replace("_", "-")
+            kwargs = dict(help=option.help, default=defaults.get(name), required=option.required)
+            if option.kind is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs.update(type=option.argparse_type, metavar=name.upper())
+                if option.count is not None:
+                    kwargs["nargs"] = option.count
+            group.add_argument(flag, **kwargs)
+        self.schema = {**getattr(self, "schema", {}), **options}
+
+
+def check_options(args: argparse.Namespace, schema: Dict[str, Option]) -> argparse.Namespace:
+    """Whole-value checks a flag's ``type=`` cannot make (an ordered pair); each flag's words are checked already."""
+    for name, option in schema.items():
+        value = getattr(args, name)
+        try:
+            option.convert(value)
+        except ValueError:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"argument {flag}: expected {option.describe()}, got {_show(value)}") from None
+    return args
+
+
+def _show(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else repr(value)
+
+
+def load_yaml_recipe(path: str, parser: Parser) -> Dict[str, Any]:
     """Reads a flat YAML mapping of option names (``batch_size`` or ``batch-size``) to values.
 
-    Unknown names are an error rather than ignored, so a typo cannot silently fall back to a default.
+    Unknown names are an error rather than ignored, so a typo cannot silently fall back to a default; every value
+    is checked against the option's schema, as its flag is.
     """
     try:
         with open(path) as f:
@@ -53,24 +198,122 @@ def load_yaml_recipe(path: str, parser: argparse.ArgumentParser) -> Dict[str, An
         raise UsageError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(recipe, dict):
         raise UsageError(f"config {path} must be a mapping of option names to values")
-    actions = {action.dest: action for action in parser._actions if action.dest != "config"}
-    recipe = {key.replace("-", "_"): value for key, value in recipe.items()}
-    unknown = sorted(set(recipe) - set(actions))
+    recipe = {str(key).replace("-", "_"): value for key, value in recipe.items()}
+    unknown = sorted(set(recipe) - set(parser.schema))
     if unknown:
         raise UsageError(f"config {path} has unknown options: {', '.join(unknown)}")
-    return {key: _check_value(path, actions[key], value) for key, value in recipe.items()}
-
-
-def _check_value(path: str, action: argparse.Action, value: Any) -> Any:
-    """Converts like the command line would (YAML reads ``4e-3`` as a string) and checks the choices."""
-    if value is None:
-        return value
-    if action.type is not None:
+    checked = {}
+    for name, value in recipe.items():
+        option = parser.schema[name]
         try:
-            value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
-        except (TypeError, ValueError):
-            kind = action.type.__name__
-            raise UsageError(f"config {path}: {action.dest} = {value!r} is not a valid {kind}") from None
-    if action.choices is not None and value not in action.choices:
-        raise UsageError(f"config {path}: {action.dest} = {value!r} is not one of {', '.join(action.choices)}")
-    return value
+            checked[name] = option.convert(value)
+        except ValueError:
+            hint = " (YAML reads yes, no, on and off as true or false)" if isinstance(value, bool) else ""
+            raise UsageError(f"config {path}: {name}: expected {option.describe()}, got {value!r}{hint}") from None
+    return checked
+
+
+def _timm_optimizers() -> Tuple[str, ...]:
+    from timm.optim import list_optimizers  # timm's registry: what create_optimizer_v2 builds
+    return tuple(list_optimizers())
+
+
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")  # timm's PIL modes
+AMP_CHOICES = ("bf16", "fp16", "none")
+COUNT = Option(int, at_least=1)
+PROBABILITY = Option(float, at_least=0, at_most=1)
+NON_NEGATIVE = Option(float, at_least=0)
+SIZE = Option(int, at_least=1, optional=True)  # a model size; unset keeps the model's own
+SKIP_BAD_IMAGES = Option(bool, help="leave out the images that cannot be decoded (their count is logged) instead of "
+                                    "refusing to start; every class still needs a decodable image")
+
+# Every option of revcol_vit.train (and the sweep, which adds its own): group title -> name -> schema.
+TRAIN_OPTIONS: Dict[Optional[str], Dict[str, Option]] = {
+    None: dict(
+        config=Option(optional=True, help="YAML recipe file; flags on the command line override it"),
+        data=Option(optional=True, help="folder with train/<class>/* and val/<class>/* (or train.tar and val.tar of "
+                                        "<class>/*)"),
+        dataset=Option(help="timm dataset name for create_dataset (default '': an image folder or tar per split); "
+                            "map-style datasets only"),
+        output=Option(help="checkpoint, log.csv and tensorboard folder"),
+        resume=Option(optional=True, help="checkpoint to continue from (checkpoint.pth, checkpoint_best.pth or a "
+                                          "kept checkpoint_epoch<E>.pth)"),
+        initial_checkpoint=Option(optional=True, help="fine-tune: start from the weights (the EMA's if any) of this "
+                                                      "checkpoint; a new head for other classes, the position "
+                                                      "embedding resampled to --img-size; no optimizer state"),
+        keep_last=Option(int, at_least=0, help="also keep the checkpoints of the last N epochs, "
+                                               "checkpoint_epoch<E>.pth (default 0: none)"),
+        seed=Option(int, at_least=0),
+    ),
+    "model (unset sizes keep the model's own)": dict(
+        model=Option(),
+        img_size=Option(int, at_least=1),
+        drop_path=Option(float, at_least=0, below=1, optional=True,
+                         help="stochastic depth rate (default: the model's)"),
+        embed_dim=SIZE,
+        num_heads=SIZE,
+        patch_size=SIZE,
+        columns=SIZE,
+        depths=Option(int, count="+", at_least=1, optional=True, help="blocks per level of a column"),
+        gamma_init=Option(float, at_least=GAMMA_MIN, optional=True,
+                          help="initial gamma of the reversible connections (default: the model's, 0.5)"),
+        mlp_ratio=Option(float, above=0, optional=True, help="MLP hidden width over the embedding width"),
+        drop=Option(float, at_least=0, below=1, optional=True, help="dropout rate before the head"),
+        reversible=Option(bool, optional=True,
+                          help="reversible backward (activation memory flat in the number of columns)"),
+    ),
+    "optimization": dict(
+        epochs=COUNT,
+        warmup_epochs=NON_NEGATIVE,
+        batch_size=Option(int, at_least=1, help="global batch over all ranks and accumulation steps"),
+        accum_steps=Option(int, at_least=1, help="micro-steps per optimizer step"),
+        lr=Option(float, above=0, help="peak lr at --lr-base-batch, scaled linearly to --batch-size"),
+        lr_base_batch=COUNT,
+        min_lr=NON_NEGATIVE,
+        warmup_lr=NON_NEGATIVE,
+        opt=Option(choices=_timm_optimizers(), choices_are="the names of timm.optim.list_optimizers()"),
+        opt_betas=Option(float, count=2, at_least=0, below=1),
+        weight_decay=NON_NEGATIVE,
+        layer_decay=Option(float, above=0, at_most=1, optional=True,
+                           help="layer-wise lr decay: each group of the model's group_matcher (stem, then every "
+                                "level's fusion and blocks, column by column, then the head) gets this factor "
+                                "times the next group's lr; unset: one lr for all"),
+        clip_grad=Option(float, above=0, optional=True, help="max gradient norm (default: no clipping)"),
+        ema_decay=Option(float, at_least=0, below=1, help="0 turns the EMA of the weights off"),
+        amp=Option(choices=AMP_CHOICES),
+    ),
+    "augmentation and regularization": dict(
+        smoothing=Option(float, at_least=0, below=1),
+        aa=Option(help="timm auto-augment policy, 'none' for none"),
+        mixup=NON_NEGATIVE,
+        cutmix=NON_NEGATIVE,
+        reprob=Option(float, at_least=0, at_most=1, help="random erase probability"),
+        scale=Option(float, count=2, above=0, at_most=1, ordered=True, help="random resized crop area range"),
+        ratio=Option(float, count=2, above=0, ordered=True, help="random resized crop aspect ratio range"),
+        hflip=PROBABILITY,
+        interpolation=Option(choices=INTERPOLATIONS),
+        crop_pct=Option(float, above=0, at_most=1, help="eval: resize to img_size / crop_pct, center crop"),
+    ),
+    "runtime": dict(
+        workers=Option(int, at_least=0, help="data loading processes per rank (default: 8, or fewer CPU cores)"),
+        skip_bad_images=SKIP_BAD_IMAGES,
+        log_interval=Option(int, at_least=0, help="a log line every N optimizer steps: loss, lr, img/s, peak GPU "
+                                                  "memory (default 100; 0: none)"),
+        device=Option(optional=True, help="default: cuda (this rank's GPU) if available, else cpu"),
+        compile=Option(bool, help="torch.compile the model (a RevCol model: each level function, the reversible "
+                                  "backward stays eager); the first steps are slow while it compiles"),
+    ),
+}
+
+VALIDATE_OPTIONS: Dict[str, Option] = dict(
+    model=Option(required=True, help="must be the checkpoint's model"),
+    checkpoint=Option(required=True),
+    data=Option(required=True, help="folder with <split>/<class>/* (the classes of the training run)"),
+    split=Option(),
+    ema=Option(bool, help="evaluate the EMA weights"),
+    batch_size=COUNT,
+    workers=Option(int, at_least=0),
+    amp=Option(choices=AMP_CHOICES),
+    device=Option(optional=True, help="default: cuda if available, else cpu"),
+    skip_bad_images=SKIP_BAD_IMAGES,
+)

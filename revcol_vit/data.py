@@ -1,9 +1,19 @@
 """Image folders in ImageNet layout (``<split>/<class>/<image>``): classes, transforms and loaders."""
+import io
 import os
-from typing import List, Optional, Sequence, Tuple
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_dataset, create_transform
+from timm.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ImageDataset,
+    auto_augment,
+    create_dataset,
+    create_transform,
+)
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils import natural_key
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -35,11 +45,16 @@ def list_classes(root: str, splits: Sequence[str] = ("train", "val")) -> List[st
             if not any(os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS for entry in files):
                 raise UsageError(f"class folder {os.path.join(folder, name)} has no images")
         classes[split] = names
-    first, *others = splits
+    return same_classes(classes, root)
+
+
+def same_classes(classes: Dict[str, List[str]], root: str) -> List[str]:
+    """The class names of every split (split -> names), which must be the same."""
+    first, *others = classes
     for split in others:
         if classes[split] != classes[first]:
             differ = sorted(set(classes[first]) ^ set(classes[split]))
-            raise UsageError(f"{first}/ and {split}/ of {root} have different classes: {', '.join(differ[:5])}")
+            raise UsageError(f"{first} and {split} of {root} have different classes: {', '.join(differ[:5])}")
     return classes[first]
 
 
@@ -70,6 +85,96 @@ def eval_transform(img_size: int, *, interpolation: str, crop_pct: float):
 
 def image_folder(root: str, split: str, transform) -> Dataset:
     return create_dataset("", root=os.path.join(root, split), search_split=False, transform=transform)
+
+
+def open_splits(name: str, root: str, transforms: Dict[str, Any]) -> Tuple[Dict[str, ImageDataset], List[str]]:
+    """The splits (split -> transform) of a data set through timm's ``create_dataset``, and its class names.
+
+    ``name`` "" is timm's default reader: ``<root>/<split>.tar`` (a tar of ``<class>/<image>``) where that file
+    exists, else the folder ``<root>/<split>/<class>/<image>``. Another name (``hfds/...``) goes to
+    ``create_dataset`` with ``root`` and the split. Only map-style datasets fit: the trainer orders each epoch's
+    samples itself and scans every image before training, which streaming readers (wds/, tfds/, hfids/) do not
+    allow.
+    """
+    tars = {split: os.path.join(root, f"{split}.tar") for split in transforms}
+    if not name and not all(os.path.isfile(tar) for tar in tars.values()):
+        classes = list_classes(root, splits=tuple(transforms))
+        return {split: image_folder(root, split, tf) for split, tf in transforms.items()}, classes
+    datasets, classes = {}, {}
+    for split, transform in transforms.items():
+        try:
+            if name:
+                dataset = create_dataset(name, root=root, split=split, transform=transform)
+            else:
+                dataset = create_dataset("", root=tars[split], search_split=False, transform=transform)
+        except (AssertionError, ImportError, RuntimeError, ValueError) as e:  # what timm raises for a bad name/root
+            raise UsageError(f"--dataset {name!r} cannot open split {split} of {root}: {e}") from None
+        if not isinstance(dataset, ImageDataset):
+            raise UsageError(f"--dataset {name!r} is not a map-style timm ImageDataset (streaming and torchvision "
+                             f"datasets are not supported)")
+        mapping = getattr(dataset.reader, "class_to_idx", None) or getattr(dataset.reader, "class_name_to_idx", {})
+        classes[split] = sorted(mapping, key=mapping.get)
+        datasets[split] = dataset
+    return datasets, same_classes(classes, root)
+
+
+def decodes(data: bytes) -> bool:
+    """Whether PIL decodes the whole image, as the loader will (a JPEG at 1/8 scale: every byte is still read,
+    so a truncated file fails, at a fraction of the cost)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+        return True
+    except Exception:  # PIL raises many kinds for a broken file (OSError, SyntaxError, ValueError, struct.error)
+        return False
+
+
+def scan(dataset, threads: int) -> List[Tuple[bool, int]]:
+    """(decodes, label) of every image of a timm ``ImageDataset``.
+
+    Files are read one at a time (a tar reader shares one open file) and decoded in ``threads`` threads (PIL
+    releases the GIL while it decodes).
+    """
+    lock = threading.Lock()
+
+    def check(index: int) -> Tuple[bool, int]:
+        with lock:
+            sample, label = dataset.reader[index][:2]
+            if hasattr(sample, "read"):  # the folder and tar readers give an open file
+                with sample:
+                    sample = sample.read()
+        # Other readers (hfds/) may give the bytes, or an image their library has decoded already.
+        return decodes(sample) if isinstance(sample, bytes) else True, int(label)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return list(pool.map(check, range(len(dataset))))
+
+
+def drop_undecodable(splits: Dict[str, Dataset], classes: Sequence[str], *, skip: bool,
+                     threads: int) -> Tuple[Dict[str, Dataset], List[str]]:
+    """Scans every image of every split before training: (each split without its undecodable images, their names).
+
+    Undecodable images are an error naming and counting them unless ``skip``; then they are left out, so that no
+    stand-in sample is trained on or counted. Every class must keep at least one decodable image in every split.
+    """
+    kept, bad_names = {}, []
+    for split, dataset in splits.items():
+        results = scan(dataset, threads)
+        good = [i for i, (ok, _) in enumerate(results) if ok]
+        bad_names += [dataset.filename(i, absolute=True) for i, (ok, _) in enumerate(results) if not ok]
+        present = {results[i][1] for i in good}
+        missing = [name for label, name in enumerate(classes) if label not in present]
+        if missing:
+            raise UsageError(f"{split}/ has no decodable image of class {', '.join(missing[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+        kept[split] = Subset(dataset, good) if len(good) < len(dataset) else dataset
+    if bad_names and not skip:
+        count = f"{len(bad_names)} image{'s' if len(bad_names) > 1 else ''}"
+        raise UsageError(f"{count} cannot be decoded: {', '.join(bad_names[:5])}"
+                         f"{' ...' if len(bad_names) > 5 else ''} (fix or remove them, or give --skip-bad-images "
+                         f"to leave them out)")
+    return kept, bad_names
 
 
 def train_loader(dataset: Dataset, *, seed: int, rank: int, world_size: int, batch_size: int, workers: int,

@@ -3,6 +3,8 @@ import csv
 import logging
 import os
 import random
+import re
+import shutil
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
@@ -19,7 +21,9 @@ from revcol import load_plain_checkpoint, write_atomically
 
 from .config import UsageError
 
-CHECKPOINT_NAME = "checkpoint.pth"
+CHECKPOINT_NAME = "checkpoint.pth"  # the latest epoch's, which --resume continues
+BEST_CHECKPOINT_NAME = "checkpoint_best.pth"  # the epoch of the best val top-1 (the EMA's when there is an EMA)
+EPOCH_CHECKPOINT = re.compile(r"checkpoint_epoch(\d+)\.pth")  # --keep-last N keeps the last N of these
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "ema", "step", "epoch", "args", "model_kwargs",
                    "classes", "history", "rng")  # what train() writes, and validate() and --resume read
 LOG_NAME = "log.csv"
@@ -125,7 +129,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp_dtype: Optional[torch.dtype]) -> Dict[str, float]:
-    """Cross-entropy, top-1 and top-5 (%) over the whole split, summed across ranks."""
+    """Cross-entropy, top-1 and top-5 (%) over the whole split, summed across ranks, and the number of images."""
     model.eval()
     loss_sum = top1_sum = top5_sum = count = 0.0
     with torch.no_grad():
@@ -141,13 +145,37 @@ def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp_dtype: Optional[
             top5_sum += top5.item() * n
             count += n
     loss_sum, top1_sum, top5_sum, count = all_reduce_sum([loss_sum, top1_sum, top5_sum, count], d)
-    return dict(loss=loss_sum / count, top1=top1_sum / count, top5=top5_sum / count)
+    return dict(loss=loss_sum / count, top1=top1_sum / count, top5=top5_sum / count, images=int(count))
 
 
 # --- checkpoints and logs -------------------------------------------------------------------------------------------
 
 def save_checkpoint(state: Dict[str, Any], path: str) -> None:
     write_atomically(lambda tmp: torch.save(state, tmp), path)
+
+
+def copy_checkpoint(src: str, dst: str) -> None:
+    """An atomic copy of a written checkpoint: a hard link where the file system has them (no bytes copied; when
+    ``src`` is replaced by the next epoch's, the link keeps this one), else a copy of the bytes."""
+    def link(tmp: str) -> None:
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links on this file system, or a temporary file that a crash left
+            shutil.copyfile(src, tmp)
+
+    write_atomically(link, dst)
+
+
+def epoch_checkpoint_path(folder: str, epoch: int) -> str:
+    return os.path.join(folder, f"checkpoint_epoch{epoch}.pth")
+
+
+def remove_epoch_checkpoints(folder: str, before: int) -> None:
+    """Removes ``checkpoint_epoch<E>.pth`` of every epoch E < ``before``."""
+    for name in os.listdir(folder):
+        match = EPOCH_CHECKPOINT.fullmatch(name)
+        if match and int(match.group(1)) < before:
+            os.remove(os.path.join(folder, name))
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:

@@ -20,8 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from revcol import PeakBytes, write_atomically
 
-from .config import UsageError
-from .data import list_classes
+from .config import Option, Parser, UsageError
+from .data import open_splits
 from .model import VARIANTS
 from .runtime import CHECKPOINT_NAME, count_parameters, create_model, run_cli, setup_distributed, write_csv
 from .train import build_parser, model_kwargs, parse_args, train
@@ -29,11 +29,13 @@ from .train import build_parser, model_kwargs, parse_args, train
 SWEEP_VARIANTS = ("1x32", "2x16", "4x8", "8x4")
 
 
-def sweep_parser() -> argparse.ArgumentParser:
+def sweep_parser() -> Parser:
     parser = build_parser()
     parser.description = __doc__.splitlines()[0]
-    parser.add_argument("--variants", nargs="+", default=list(SWEEP_VARIANTS), choices=SWEEP_VARIANTS,
-                        help="columns x blocks per column")
+    parser.add_options(None, dict(variants=Option(count="+", choices=SWEEP_VARIANTS,
+                                                  help="columns x blocks per column")),
+                       variants=list(SWEEP_VARIANTS))
+    parser.schema["model"] = Option(optional=True, help="unset: the sweep sets the model per variant")
     parser.set_defaults(model=None, output="runs/column_sweep")
     return parser
 
@@ -112,8 +114,10 @@ def sweep(args) -> List[Dict[str, Any]]:
         raise UsageError("the sweep sets the model per variant; drop --model")
     if args.columns is not None or args.depths is not None:
         raise UsageError("the variants fix the columns and depths; drop --columns/--depths")
+    if args.initial_checkpoint is not None:
+        raise UsageError("the sweep trains every variant from scratch; drop --initial-checkpoint")
     d = setup_distributed(args.device)
-    num_classes = len(list_classes(args.data))
+    num_classes = len(open_splits(args.dataset, args.data, {"train": None, "val": None})[1])
     rows = []
     for variant in args.variants:
         run = argparse.Namespace(**vars(args))

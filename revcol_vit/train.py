@@ -7,7 +7,6 @@ Several GPUs:   torchrun --nproc_per_node 8 -m revcol_vit.train --data /imagenet
 with a checkpoint (model, optimizer, scheduler, EMA, grad scaler, RNG states of every rank) that ``--resume``
 continues from exactly: the data order of an epoch depends only on the seed and the epoch.
 """
-import argparse
 import logging
 import math
 import os
@@ -19,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from timm.data import Mixup
+from timm.layers import resample_abs_pos_embed, to_2tuple
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -27,28 +27,32 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .config import IMAGENET_1K, UsageError, load_yaml_recipe
+from .config import IMAGENET_1K, TRAIN_OPTIONS, Parser, UsageError, check_options, load_yaml_recipe
 from .data import (
     DEFAULT_WORKERS,
+    drop_undecodable,
     eval_loader,
     eval_transform,
-    image_folder,
-    list_classes,
+    open_splits,
     train_loader,
     train_transform,
 )
 from .runtime import (
     AMP_DTYPES,
+    BEST_CHECKPOINT_NAME,
     CHECKPOINT_NAME,
     LOG_NAME,
     Dist,
     all_reduce_sum,
     all_rng_states,
     compile_model,
+    copy_checkpoint,
     count_parameters,
     create_model,
+    epoch_checkpoint_path,
     evaluate,
     load_checkpoint,
+    remove_epoch_checkpoints,
     run_cli,
     save_checkpoint,
     seed_all,
@@ -62,77 +66,35 @@ _logger = logging.getLogger("revcol_vit.train")
 
 # Model flags and the keyword arguments of the RevCol-ViT models they set.
 MODEL_FLAGS = dict(embed_dim="embed_dim", num_heads="num_heads", patch_size="patch_size", columns="num_columns",
-                   depths="depths", drop_path="drop_path_rate", reversible="reversible")
+                   depths="depths", drop_path="drop_path_rate", reversible="reversible", gamma_init="gamma_init",
+                   mlp_ratio="mlp_ratio", drop="drop_rate")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                epilog="Unset options take the ImageNet-1K recipe of Table 11 "
-                                       "(revcol_vit/config.py, docs/vit_training.md).")
-    p.add_argument("--config", help="YAML recipe file; flags on the command line override it")
-    p.add_argument("--data", required=True, help="folder with train/<class>/* and val/<class>/*")
-    p.add_argument("--output", default="runs/revcol_vit", help="checkpoint, log.csv and tensorboard folder")
-    p.add_argument("--resume", help="checkpoint to continue from")
-    p.add_argument("--seed", type=int, default=0)
-
-    m = p.add_argument_group("model (unset sizes keep the model's own)")
-    m.add_argument("--model", default="revcol_vit_s")
-    m.add_argument("--img-size", type=int)
-    m.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the model's)")
-    m.add_argument("--embed-dim", type=int)
-    m.add_argument("--num-heads", type=int)
-    m.add_argument("--patch-size", type=int)
-    m.add_argument("--columns", type=int)
-    m.add_argument("--depths", type=int, nargs="+", help="blocks per level of a column")
-    m.add_argument("--reversible", action=argparse.BooleanOptionalAction, default=None,
-                   help="reversible backward (activation memory flat in the number of columns)")
-
-    o = p.add_argument_group("optimization")
-    o.add_argument("--epochs", type=int)
-    o.add_argument("--warmup-epochs", type=float)
-    o.add_argument("--batch-size", type=int, help="global batch over all ranks and accumulation steps")
-    o.add_argument("--accum-steps", type=int, default=1, help="micro-steps per optimizer step")
-    o.add_argument("--lr", type=float, help="peak lr at --lr-base-batch, scaled linearly to --batch-size")
-    o.add_argument("--lr-base-batch", type=int)
-    o.add_argument("--min-lr", type=float)
-    o.add_argument("--warmup-lr", type=float)
-    o.add_argument("--opt")
-    o.add_argument("--opt-betas", type=float, nargs=2)
-    o.add_argument("--weight-decay", type=float)
-    o.add_argument("--clip-grad", type=float, help="max gradient norm (default: no clipping)")
-    o.add_argument("--ema-decay", type=float, help="0 turns the EMA of the weights off")
-    o.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none")
-
-    a = p.add_argument_group("augmentation and regularization")
-    a.add_argument("--smoothing", type=float)
-    a.add_argument("--aa", help="timm auto-augment policy, 'none' for none")
-    a.add_argument("--mixup", type=float)
-    a.add_argument("--cutmix", type=float)
-    a.add_argument("--reprob", type=float, help="random erase probability")
-    a.add_argument("--scale", type=float, nargs=2, help="random resized crop area range")
-    a.add_argument("--ratio", type=float, nargs=2, help="random resized crop aspect ratio range")
-    a.add_argument("--hflip", type=float)
-    a.add_argument("--interpolation")
-    a.add_argument("--crop-pct", type=float, help="eval: resize to img_size / crop_pct, center crop")
-
-    r = p.add_argument_group("runtime")
-    r.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                   help="data loading processes per rank (default: 8, or fewer CPU cores)")
-    r.add_argument("--device", help="default: cuda (this rank's GPU) if available, else cpu")
-    r.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (a RevCol model: each level function, the reversible backward "
-                        "stays eager); the first steps are slow while it compiles")
-    p.set_defaults(**IMAGENET_1K)
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.splitlines()[0], allow_abbrev=False,
+               epilog="Unset options take the ImageNet-1K recipe of Table 11 (revcol_vit/config.py, "
+                      "docs/vit_training.md).")
+    defaults = dict(IMAGENET_1K, output="runs/revcol_vit", seed=0, model="revcol_vit_s", accum_steps=1, amp="none",
+                    workers=DEFAULT_WORKERS, compile=False, skip_bad_images=False, keep_last=0, dataset="",
+                    log_interval=100)
+    for title, options in TRAIN_OPTIONS.items():
+        p.add_options(title, options, **defaults)
     return p
 
 
-def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.ArgumentParser] = None):
-    """Defaults come from the recipe table, then the ``--config`` YAML file, then the command line."""
+def parse_args(argv: Optional[List[str]] = None, parser: Optional[Parser] = None):
+    """Defaults come from the recipe table, then the ``--config`` YAML file, then the command line.
+
+    Every value, from either place, is checked against the options' schema (``config.TRAIN_OPTIONS``).
+    """
     parser = parser or build_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**load_yaml_recipe(known.config, parser))
-    return parser.parse_args(argv)
+    args = check_options(parser.parse_args(argv), parser.schema)
+    if args.data is None:
+        raise UsageError("the data folder is missing: give --data (or data: in the --config file)")
+    return args
 
 
 def model_kwargs(args, num_classes: int) -> Dict[str, Any]:
@@ -143,6 +105,42 @@ def model_kwargs(args, num_classes: int) -> Dict[str, Any]:
         if value is not None:
             kwargs[name] = tuple(value) if isinstance(value, list) else value
     return kwargs
+
+
+def initial_weights(path: str, model_name: str) -> Dict[str, Any]:
+    """The checkpoint ``--initial-checkpoint`` names: a revcol_vit.train checkpoint of ``model_name``."""
+    ckpt = load_checkpoint(path)
+    if ckpt["args"]["model"] != model_name:
+        raise UsageError(f"--initial-checkpoint {path} holds {ckpt['args']['model']}, not {model_name}")
+    return ckpt
+
+
+def fine_tuning_kwargs(args, num_classes: int, initial: Dict[str, Any]) -> Dict[str, Any]:
+    """The initial checkpoint's model, with the sizes this run sets (its classes and image size at least)."""
+    return {**initial["model_kwargs"], **model_kwargs(args, num_classes)}
+
+
+def load_initial_weights(model: nn.Module, initial: Dict[str, Any], path: str) -> str:
+    """Loads a trained model's weights (its EMA's, if it has one, as timm does) into a new run's ``model``: a head
+    of another number of classes stays freshly initialized, and the position embedding is resampled (bicubic) to
+    the new image size. Returns which weights were loaded."""
+    weights = "ema" if initial["ema"] is not None else "model"
+    state = dict(initial[weights])
+    old_grid = [size // model.patch_embed.stride[0] for size in to_2tuple(initial["model_kwargs"]["img_size"])]
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(model.grid_size),
+                                                old_size=old_grid, num_prefix_tokens=0)
+    head = {name for name in state if name.startswith("head.")}
+    if state["head.weight"].shape != model.head.weight.shape:
+        state = {name: value for name, value in state.items() if name not in head}
+    own = model.state_dict()
+    misfits = [f"{name} {tuple(value.shape)} vs {tuple(own[name].shape)}" for name, value in state.items()
+               if name in own and value.shape != own[name].shape]
+    missing, unexpected = set(own) - set(state) - head, set(state) - set(own)
+    if misfits or missing or unexpected:
+        raise UsageError(f"--initial-checkpoint {path} does not fit this model: "
+                         f"{', '.join(misfits or sorted(missing) or sorted(unexpected))}")
+    model.load_state_dict(state, strict=False)
+    return weights
 
 
 def build_transforms(args):
@@ -191,7 +189,9 @@ class Training:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The schedule's lr; with --layer-decay that of the head, every other group has it times its lr_scale."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
 
 
 def peak_lr(args) -> float:
@@ -201,7 +201,7 @@ def peak_lr(args) -> float:
 
 def build_training(args, model: nn.Module, updates_per_epoch: int, device: torch.device) -> Training:
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=peak_lr(args), weight_decay=args.weight_decay,
-                                    betas=tuple(args.opt_betas))
+                                    betas=tuple(args.opt_betas), layer_decay=args.layer_decay)
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.epochs,
                                        warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
                                        warmup_lr=args.warmup_lr, step_on_epochs=False,
@@ -222,6 +222,27 @@ def build_loss(args, num_classes: int):
     return None, nn.CrossEntropyLoss()
 
 
+class IntervalLog:
+    """A log line every ``interval`` optimizer steps (counted over the run): loss, lr, images per second over all
+    ranks since the previous line, and the peak CUDA memory of this rank ("-" on CPU)."""
+
+    def __init__(self, interval: int, batch_size: int, device: torch.device, desc: str, steps_in_epoch: int):
+        self.interval, self.batch_size, self.device = interval, batch_size, device
+        self.desc, self.steps_in_epoch = desc, steps_in_epoch
+        self.since, self.since_step = time.time(), 0
+
+    def step(self, step: int, epoch_step: int, loss: float, lr: float) -> None:
+        if self.interval == 0 or step % self.interval != 0:
+            return
+        now = time.time()
+        images_per_s = (epoch_step - self.since_step) * self.batch_size / max(now - self.since, 1e-9)
+        memory = (f"{torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MB" if self.device.type == "cuda"
+                  else "-")
+        _logger.info("%s, step %d/%d (%d in all): loss %.4f, lr %.3g, %.1f img/s, peak memory %s", self.desc,
+                     epoch_step, self.steps_in_epoch, step, loss, lr, images_per_s, memory)
+        self.since, self.since_step = now, epoch_step
+
+
 def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_batches: int, mixup, criterion,
                     args, d: Dist, writer, desc: str) -> Dict[str, float]:
     """One pass over the epoch's micro-batches; returns the mean loss of its optimizer steps and, for a model with
@@ -232,6 +253,8 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
     worst_rebuild = None
     progress = tqdm(micro_batches, total=num_micro_batches, desc=desc, disable=not d.is_main, dynamic_ncols=True)
     loss_sum, micro_loss = 0.0, torch.zeros((), device=d.device)
+    log = IntervalLog(args.log_interval if d.is_main else 0, args.batch_size, d.device, desc,
+                      num_micro_batches // args.accum_steps)
     for i, (images, targets) in enumerate(progress):
         images, targets = images.to(d.device, non_blocking=True), targets.to(d.device, non_blocking=True)
         if mixup is not None:
@@ -270,10 +293,23 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
             if rebuild is not None:
                 writer.add_scalar("train/reconstruction_error", rebuild.error, t.num_updates)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{t.lr:.3g}")
+        log.step(t.num_updates, (i + 1) // args.accum_steps, step_loss, t.lr)
     metrics = dict(train_loss=loss_sum / (num_micro_batches // args.accum_steps))
     if worst_rebuild is not None:
         metrics["reconstruction_error"] = worst_rebuild
     return metrics
+
+
+def keep_checkpoints(args, history: List[Dict[str, Any]], checkpoint: str, best_by: str) -> None:
+    """After ``checkpoint`` is written: ``checkpoint_best.pth`` if this epoch's ``best_by`` is the best so far, and
+    the last ``--keep-last`` epochs' ``checkpoint_epoch<E>.pth``."""
+    epoch = history[-1]["epoch"]
+    if history[-1][best_by] > max((row.get(best_by, -math.inf) for row in history[:-1]), default=-math.inf):
+        copy_checkpoint(checkpoint, os.path.join(args.output, BEST_CHECKPOINT_NAME))
+        _logger.info("epoch %d has the best %s so far: %s", epoch, best_by, BEST_CHECKPOINT_NAME)
+    if args.keep_last > 0:
+        copy_checkpoint(checkpoint, epoch_checkpoint_path(args.output, epoch))
+        remove_epoch_checkpoints(args.output, before=epoch - args.keep_last + 1)
 
 
 def train(args) -> List[Dict[str, Any]]:
@@ -286,22 +322,32 @@ def train(args) -> List[Dict[str, Any]]:
     if not args.resume and os.path.exists(checkpoint):
         raise UsageError(f"{args.output} already holds a checkpoint: continue it with --resume {checkpoint}, "
                          f"or train into another --output")
-    classes = list_classes(args.data)
-    kwargs = model_kwargs(args, len(classes))
+    train_tf, eval_tf = build_transforms(args)
+    splits, classes = open_splits(args.dataset, args.data, {"train": train_tf, "val": eval_tf})
+    initial = initial_weights(args.initial_checkpoint, args.model) if args.initial_checkpoint else None
+    kwargs = fine_tuning_kwargs(args, len(classes), initial) if initial else model_kwargs(args, len(classes))
     seed_all(args.seed + d.rank)  # ranks draw different augmentations
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = create_model(args.model, **kwargs).to(d.device)
+    model = create_model(args.model, **kwargs)
+    if initial:  # weights only: optimizer, schedule and EMA start afresh (--resume restores a whole run instead)
+        weights = load_initial_weights(model, initial, args.initial_checkpoint)
+        _logger.info("fine-tuning the %s weights of %s (epoch %d)", weights, args.initial_checkpoint,
+                     initial["epoch"])
+    model.to(d.device)
     torch.manual_seed(args.seed + d.rank)
 
-    train_tf, eval_tf = build_transforms(args)
-    train_set = image_folder(args.data, "train", train_tf)
+    splits, bad = drop_undecodable(splits, classes, skip=args.skip_bad_images, threads=args.workers)
+    if bad and d.is_main:
+        _logger.warning("left out %d image%s that cannot be decoded (--skip-bad-images)", len(bad),
+                        "s" if len(bad) > 1 else "")
+    train_set = splits["train"]
     pin_memory = d.device.type == "cuda"
     loader = train_loader(train_set, seed=args.seed, rank=d.rank, world_size=d.world_size, batch_size=micro_batch,
                           workers=args.workers, pin_memory=pin_memory)
     updates_per_epoch = len(loader) // args.accum_steps
     if updates_per_epoch == 0:
         raise UsageError(f"{len(train_set)} training images do not fill one batch of {args.batch_size}")
-    val_loader = eval_loader(image_folder(args.data, "val", eval_tf), rank=d.rank, world_size=d.world_size,
+    val_loader = eval_loader(splits["val"], rank=d.rank, world_size=d.world_size,
                              batch_size=micro_batch, workers=args.workers, pin_memory=pin_memory)
     t = build_training(args, model, updates_per_epoch, d.device)
     if args.compile:  # after the EMA copy is taken: that copy stays eager
@@ -353,6 +399,7 @@ def train(args) -> List[Dict[str, Any]]:
         if d.is_main:
             save_checkpoint(dict(t.state_dict(), epoch=epoch + 1, args=vars(args), model_kwargs=kwargs,
                                  classes=classes, history=history, rng=rng), checkpoint)
+            keep_checkpoints(args, history, checkpoint, best_by="ema_top1" if t.ema is not None else "val_top1")
             write_csv(history, os.path.join(args.output, LOG_NAME))
             for key in ("val_loss", "val_top1", "val_top5", "ema_top1", "ema_top5"):
                 if key in row:

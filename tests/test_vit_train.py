@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,134 @@ def test_a_checkpoint_save_killed_midway_keeps_the_previous_epoch(small_digits, 
     assert [row["epoch"] for row in resumed] == [1, 2]
 
 
+def test_best_and_last_checkpoints_validate_and_resume(small_digits, tmp_path, capsys):
+    """--keep-last 2 keeps epochs 3 and 4 of 4; checkpoint_best.pth is the epoch of the best EMA top-1 (the EMA is
+    on); both are whole checkpoints that validate reads and --resume continues exactly."""
+    flags = [*NO_AUGMENTATION, "--epochs", "4", "--warmup-epochs", "0", "--batch-size", "32", "--lr", "1e-3",
+             "--lr-base-batch", "32", "--ema-decay", "0.5", "--keep-last", "2"]
+    history = run_train(small_digits, tmp_path / "run", *flags)
+    names = sorted(name for name in os.listdir(tmp_path / "run") if name.endswith(".pth"))
+    assert names == ["checkpoint.pth", "checkpoint_best.pth", "checkpoint_epoch3.pth", "checkpoint_epoch4.pth"]
+    best_top1 = max(row["ema_top1"] for row in history)
+    best_epoch = next(row["epoch"] for row in history if row["ema_top1"] == best_top1)
+    best = load_checkpoint(str(tmp_path / "run" / "checkpoint_best.pth"))
+    assert best["epoch"] == best_epoch and best["history"] == history[:best_epoch]
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint_epoch3.pth"))["epoch"] == 3
+
+    validate_main(["--model", "revcol_vit_s", "--checkpoint", str(tmp_path / "run" / "checkpoint_best.pth"),
+                   "--data", str(small_digits), "--workers", "0", "--ema"])
+    assert f"epoch {best_epoch}) on val (40 images): top-1 {best_top1:.2f}" in capsys.readouterr().out
+
+    resumed = run_train(small_digits, tmp_path / "run", *flags, "--resume",
+                        str(tmp_path / "run" / "checkpoint_epoch3.pth"))
+    assert resumed[3]["val_top1"] == history[3]["val_top1"]
+    assert resumed[3]["train_loss"] == pytest.approx(history[3]["train_loss"], rel=1e-6)
+
+
+def test_fine_tuning_at_another_resolution_on_other_classes(trained, small_digits, tmp_path, capsys):
+    """Train (the 32 px, 10-class run), then fine-tune at 48 px on 5 classes: one epoch at an lr of 1e-12, so the
+    fine-tuned weights are the loaded ones. The backbone is the trained one, the position embedding its 4x4 grid
+    resampled to 6x6, the head new; optimizer, schedule and step start afresh."""
+    source_dir, _ = trained
+    data = tmp_path / "five"
+    for split in ("train", "val"):
+        for digit in range(5):
+            shutil.copytree(small_digits / split / f"digit{digit}", data / split / f"digit{digit}")
+    source = load_checkpoint(str(source_dir / "checkpoint.pth"))
+    train_module.main(["--data", str(data), "--output", str(tmp_path / "tuned"), *TOY_MODEL, *NO_AUGMENTATION,
+                       "--img-size", "48", "--initial-checkpoint", str(source_dir / "checkpoint.pth"),
+                       "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16", "--lr", "1e-12",
+                       "--lr-base-batch", "16", "--min-lr", "0", "--weight-decay", "0"])
+    tuned = load_checkpoint(str(tmp_path / "tuned" / "checkpoint.pth"))
+    assert tuned["model_kwargs"]["img_size"] == 48 and tuned["model_kwargs"]["num_classes"] == 5
+    assert tuned["step"] == 5 and tuned["epoch"] == 1  # 80 images in batches of 16, counted from 0
+    assert {state["step"].item() for state in tuned["optimizer"]["state"].values()} == {5.0}
+    before, after = source["model"], tuned["model"]
+    assert before["pos_embed"].shape == (1, 16, 32) and after["pos_embed"].shape == (1, 36, 32)
+    grid = before["pos_embed"].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    resampled = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", antialias=True)
+    assert torch.allclose(after["pos_embed"], resampled.permute(0, 2, 3, 1).reshape(1, 36, 32), atol=1e-6)
+    assert after["head.weight"].shape == (5, 32)
+    for name, weight in before.items():
+        if not name.startswith(("head.", "pos_embed")):
+            assert torch.allclose(after[name], weight, rtol=0, atol=1e-6), name
+
+    validate_main(["--model", "revcol_vit_s", "--checkpoint", str(tmp_path / "tuned" / "checkpoint.pth"), "--data",
+                   str(data), "--workers", "0"])
+    assert "on val (20 images): top-1 " in capsys.readouterr().out
+    with pytest.raises(UsageError, match="--initial-checkpoint .* holds revcol_vit_s, not revcol_vit_b"):
+        run_train(data, tmp_path / "b", "--model", "revcol_vit_b", "--initial-checkpoint",
+                  str(source_dir / "checkpoint.pth"))
+
+
+def expected_layer(name: str, levels: int) -> int:
+    """The layer-decay depth of a parameter of the toy model (one block per level): the stem is 0, then each
+    level's fusion and its block (with the level's gamma), column by column, then norm and head last."""
+    if name.startswith(("patch_embed", "pos_embed")):
+        return 0
+    if name.startswith(("norm", "head")):
+        return 2 * 2 * levels + 1
+    column, kind, level = re.match(r"revcol\.columns\.(\d+)\.(levels|gammas)\.(\d+)", name).groups()
+    first = 1 + 2 * (int(column) * levels + int(level))
+    return first if kind == "levels" and ".fusion." in name else first + 1
+
+
+def test_layer_decay_and_model_options(small_digits, tmp_path):
+    """One AdamW step (no weight decay) moves each weight by at most its group's lr (the first step is lr x the
+    gradient's sign): with --layer-decay 0.8 that is 0.8^(depth from the head) x the lr. --gamma-init, --mlp-ratio
+    and --drop reach timm.create_model."""
+    run_train(small_digits, tmp_path, *NO_AUGMENTATION, "--epochs", "1", "--warmup-epochs", "0", "--batch-size",
+              "160", "--lr", "1e-3", "--lr-base-batch", "160", "--weight-decay", "0", "--layer-decay", "0.8",
+              "--gamma-init", "0.25", "--mlp-ratio", "2", "--drop", "0.1")
+    ckpt = load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert {k: ckpt["model_kwargs"][k] for k in ("gamma_init", "mlp_ratio", "drop_rate")} == dict(
+        gamma_init=0.25, mlp_ratio=2.0, drop_rate=0.1)
+    torch.manual_seed(0)  # train() builds the model from --seed 0
+    initial = create_model("revcol_vit_s", **ckpt["model_kwargs"]).state_dict()
+    assert all((initial[name] == 0.25).all() for name in initial if ".gammas." in name)
+    assert initial["revcol.columns.0.levels.0.blocks.0.mlp.fc1.weight"].shape == (64, 32)
+    top = expected_layer("head.weight", levels=4)
+    for name, weight in ckpt["model"].items():
+        moved = (weight - initial[name]).abs().max().item()
+        assert moved == pytest.approx(1e-3 * 0.8 ** (top - expected_layer(name, levels=4)), rel=2e-2), name
+
+
+def test_tar_per_split_trains_like_the_folder(small_digits, tmp_path, capsys):
+    """train.tar and val.tar of <class>/<image>, made from the toy folders, go through timm's tar reader: the same
+    samples in the same order, so the same run as from the folders."""
+    data = tmp_path / "tars"
+    data.mkdir()
+    for split in ("train", "val"):
+        with tarfile.open(data / f"{split}.tar", "w") as tar:
+            for folder in sorted((small_digits / split).iterdir()):
+                tar.add(folder, arcname=folder.name)
+    flags = [*NO_AUGMENTATION, "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16", "--lr", "1e-3",
+             "--lr-base-batch", "16"]
+    from_tars = run_train(data, tmp_path / "tar_run", *flags)
+    from_folders = run_train(small_digits, tmp_path / "folder_run", *flags)
+    for key in ("step", "train_loss", "val_loss", "val_top1"):
+        assert from_tars[0][key] == pytest.approx(from_folders[0][key], rel=1e-6), key
+    validate_main(["--model", "revcol_vit_s", "--checkpoint", str(tmp_path / "tar_run" / "checkpoint.pth"), "--data",
+                   str(data), "--workers", "0"])
+    assert f"on val (40 images): top-1 {from_tars[0]['val_top1']:.2f}" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="--dataset 'wds/digits' cannot open split train"):
+        run_train(data, tmp_path / "wds", "--dataset", "wds/digits")
+
+
+def test_log_interval_logs_throughput_and_memory_every_n_steps(small_digits, tmp_path, caplog):
+    """160 images in batches of 16 for 2 epochs: 20 steps, a line at steps 6, 12 and 18."""
+    with caplog.at_level("INFO", logger="revcol_vit.train"):
+        run_train(small_digits, tmp_path, *NO_AUGMENTATION, "--epochs", "2", "--warmup-epochs", "0", "--batch-size",
+                  "16", "--lr", "1e-4", "--lr-base-batch", "16", "--log-interval", "6")
+    lines = [record.getMessage() for record in caplog.records if "img/s" in record.getMessage()]
+    pattern = (r"epoch (\d)/2, step (\d+)/10 \((\d+) in all\): loss \d\.\d{4}, lr [\d.e-]+, ([\d.]+) img/s, "
+               r"peak memory -$")
+    matches = [re.match(pattern, line) for line in lines]
+    assert all(matches), lines
+    assert [tuple(int(g) for g in m.groups()[:3]) for m in matches] == [(1, 6, 6), (2, 2, 12), (2, 8, 18)]
+    assert all(float(m.group(4)) > 0 for m in matches)
+
+
 def test_compiled_training_matches_eager(small_digits, tmp_path, monkeypatch):
     """``--compile``, with drop path on: the compiled levels replay the same masks as eager ones."""
     flags = [*NO_AUGMENTATION, "--drop-path", "0.3", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16",
@@ -328,8 +457,8 @@ def test_yaml_recipe_overrides_defaults_and_flags_override_it(tmp_path):
     assert vars(parse_args(["--data", "d", "--config", str(recipe)])) == {
         **vars(parse_args(["--data", "d"])), "config": str(recipe)}
     for text, message in [("learning_rate: 1.0\n", "unknown options: learning_rate"),
-                          ("amp: fp32\n", "amp = 'fp32' is not one of bf16, fp16, none"),
-                          ("epochs: many\n", "epochs = 'many' is not a valid int"),
+                          ("amp: fp32\n", "amp: expected one of bf16, fp16, none, got 'fp32'$"),
+                          ("epochs: many\n", "epochs: expected an integer >= 1, got 'many'$"),
                           ("- epochs\n- 5\n", "must be a mapping of option names to values"),
                           ("epochs: [5\nlr: 1\n", "is not valid YAML: while parsing a flow sequence$"),
                           (None, "cannot read config .*: No such file or directory$")]:
@@ -349,13 +478,16 @@ def test_example_imagenet_recipe_is_table_11():
                                               "--workers", "10"])), "config": args.config}
 
 
-def make_folder(root: Path, empty_class: bool = False) -> Path:
+def make_folder(root: Path, case: str = "") -> Path:
+    """Two classes of one black image each; in "empty class" train/b has none, in "undecodable class" an empty file."""
     for split in ("train", "val"):
         for label in ("a", "b"):
             folder = root / split / label
             folder.mkdir(parents=True)
-            if not (empty_class and split == "train" and label == "b"):
+            if (split, label) != ("train", "b") or case not in ("empty class", "undecodable class"):
                 Image.new("RGB", (32, 32)).save(folder / "0.png")
+            elif case == "undecodable class":
+                (folder / "0.png").write_bytes(b"")
     return root
 
 
@@ -363,6 +495,7 @@ def make_folder(root: Path, empty_class: bool = False) -> Path:
     ("missing data", [], "data directory .*missing does not exist"),
     ("unknown model", ["--model", "revcol_vit_nope"], "unknown model 'revcol_vit_nope'"),
     ("empty class", [], r"class folder .*train[/\\]b has no images"),
+    ("undecodable class", ["--skip-bad-images"], "train/ has no decodable image of class b$"),
     ("indivisible batch", ["--batch-size", "30", "--accum-steps", "4"],
      "--batch-size 30 is not divisible by world size 1 x --accum-steps 4"),
     ("sizes that do not fit", ["--embed-dim", "30", "--num-heads", "4"],
@@ -371,7 +504,7 @@ def make_folder(root: Path, empty_class: bool = False) -> Path:
      "model resnet18 cannot be built with .*unexpected keyword"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, case, flags, message):
-    data = tmp_path / "missing" if case == "missing data" else make_folder(tmp_path / "data", case == "empty class")
+    data = tmp_path / "missing" if case == "missing data" else make_folder(tmp_path / "data", case)
     with pytest.raises(UsageError, match=message):
         run_train(data, tmp_path / "out", *flags)
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
@@ -410,14 +543,42 @@ def test_cli_prints_bad_input_as_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [f"error: data directory {tmp_path / 'missing'} does not exist"]
 
 
-def test_corrupt_image_is_skipped_with_a_warning(small_digits, tmp_path, caplog):
-    data = tmp_path / "data"
-    shutil.copytree(small_digits, data)
-    (data / "train" / "digit3" / "corrupt.png").write_bytes(b"not a png")
-    # 160 + 1 images in batches of 7: no batch is dropped, so the corrupt image is read.
-    history = run_train(data, tmp_path / "out", *NO_AUGMENTATION, "--epochs", "1", "--batch-size", "7")
-    assert history[0]["step"] == 23
-    assert "Skipped sample" in caplog.text and "corrupt.png" in caplog.text
+def with_undecodable_images(small_digits: Path, root: Path) -> Path:
+    """The small digits plus an undecodable PNG in train/digit3 and a truncated one in val/digit5."""
+    shutil.copytree(small_digits, root)
+    (root / "train" / "digit3" / "corrupt.png").write_bytes(b"not a png")
+    good = (root / "val" / "digit5").iterdir().__next__().read_bytes()
+    (root / "val" / "digit5" / "truncated.png").write_bytes(good[:len(good) // 2])
+    return root
+
+
+def test_undecodable_images_are_an_error_that_names_and_counts_them(small_digits, tmp_path, capsys):
+    data = with_undecodable_images(small_digits, tmp_path / "data")
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main(["--data", str(data), "--output", str(tmp_path / "out"), *TOY_MODEL, "--batch-size", "8"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"error: 2 images cannot be decoded: {data / 'train' / 'digit3' / 'corrupt.png'}, "
+                     f"{data / 'val' / 'digit5' / 'truncated.png'} (fix or remove them, or give --skip-bad-images "
+                     f"to leave them out)"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_skipped_undecodable_images_are_counted_once_and_never_trained_or_evaluated(small_digits, tmp_path, caplog,
+                                                                                     capsys):
+    data = with_undecodable_images(small_digits, tmp_path / "data")
+    # 160 real training images in batches of 7: 22 steps (the corrupt one would make 161, 23 steps).
+    history = run_train(data, tmp_path / "out", *NO_AUGMENTATION, "--epochs", "1", "--batch-size", "7",
+                        "--skip-bad-images")
+    assert history[0]["step"] == 22
+    assert caplog.text.count("left out 2 images that cannot be decoded (--skip-bad-images)") == 1
+    assert "Skipped sample" not in caplog.text  # timm's stand-in for a sample it cannot load never came up
+    assert history[0]["val_top1"] * 40 / 100 == pytest.approx(round(history[0]["val_top1"] * 40 / 100))
+    validate_main(["--model", "revcol_vit_s", "--checkpoint", str(tmp_path / "out" / "checkpoint.pth"), "--data",
+                   str(data), "--workers", "0", "--skip-bad-images"])
+    out = capsys.readouterr().out
+    assert "on val (40 images, 1 undecodable left out): top-1 " in out  # 40 real, not 41 with a stand-in
+    assert f"top-1 {history[0]['val_top1']:.2f}" in out
 
 
 class RunsCode:

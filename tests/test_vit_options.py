@@ -1,0 +1,164 @@
+"""The typed schema of every CLI option: YAML and flags are checked alike, and bad values are one clear line."""
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from revcol_vit.config import UsageError
+from revcol_vit.sweep import sweep_parser
+from revcol_vit.train import main as train_main
+from revcol_vit.train import parse_args
+from revcol_vit.validate import build_parser as validate_parser
+from revcol_vit.validate import parse_args as validate_parse_args
+
+# option: (a valid value, a value of the wrong type, a value out of range or not a choice; None where the option
+# has no range, as a path or a free-form string). Every option of the CLIs must have a row.
+TRAIN_TABLE = {
+    "config": (None, 5, None),
+    "data": ("d", 5, None),
+    "dataset": ("hfds/beans", 5, None),
+    "output": ("out", ["a"], None),
+    "resume": ("c.pth", 5, None),
+    "seed": (3, "x", -1),
+    "keep_last": (2, "all", -1),
+    "initial_checkpoint": ("c.pth", 5, None),
+    "model": ("revcol_vit_b", 5, None),
+    "img_size": (64, "big", 0),
+    "drop_path": (0.2, "some", 1.0),
+    "embed_dim": (64, "wide", 0),
+    "num_heads": (4, 2.5, 0),
+    "patch_size": (8, "8px", -8),
+    "columns": (2, "two", 0),
+    "depths": ([1, 2], ["one"], [1, 0]),
+    "gamma_init": (0.1, "half", 0),
+    "mlp_ratio": (2.0, "double", 0),
+    "drop": (0.1, "some", 1),
+    "reversible": (False, "no", None),
+    "epochs": (5, 5.5, 0),
+    "warmup_epochs": (0.5, "half", -1),
+    "batch_size": (64, 16.7, 0),
+    "accum_steps": (2, "2x", 0),
+    "lr": (1e-3, "fast", 0),
+    "lr_base_batch": (256, 256.5, 0),
+    "min_lr": (1e-6, "low", -1e-6),
+    "warmup_lr": (1e-6, "low", -1),
+    "opt": ("sgd", 5, "adamx"),
+    "opt_betas": ([0.9, 0.95], ["a", "b"], [0.9, 1.0]),
+    "weight_decay": (0.1, "much", -0.1),
+    "layer_decay": (0.75, "steep", 1.5),
+    "clip_grad": (1.0, "max", 0),
+    "ema_decay": (0.99, "slow", 1.0),
+    "amp": ("bf16", 16, "fp32"),
+    "smoothing": (0.2, "some", 1.0),
+    "aa": ("rand-m7", 7, None),
+    "mixup": (0.2, "a bit", -0.2),
+    "cutmix": (0.5, "a bit", -1),
+    "reprob": (0.5, "half", 1.5),
+    "scale": ([0.5, 1.0], ["small", "all"], [0.5, 1.5]),
+    "ratio": ([0.5, 2.0], ["wide", "tall"], [2.0, 0.5]),
+    "hflip": (0.0, "yes", 2),
+    "interpolation": ("bilinear", 3, "cubic"),
+    "crop_pct": (0.9, "most", 0),
+    "workers": (2, "many", -1),
+    "log_interval": (10, "often", -1),
+    "device": ("cpu", 0, None),
+    "compile": (True, "yes", None),
+    "skip_bad_images": (True, 1, None),
+    "variants": (["2x16"], "2x16x", ["3x11"]),  # the sweep's own
+}
+VALIDATE_TABLE = {
+    "model": ("revcol_vit_b", None, None),
+    "checkpoint": ("c.pth", None, None),
+    "data": ("d", None, None),
+    "split": ("test", None, None),
+    "ema": (True, None, None),
+    "batch_size": (64, 16.7, 0),
+    "workers": (0, "some", -1),
+    "amp": ("fp16", None, "fp32"),
+    "device": ("cuda:1", None, None),
+    "skip_bad_images": (True, None, None),
+}
+
+
+def words(values):
+    return [str(v) for v in values]
+
+
+def flag_args(name, value):
+    """``value`` as the command line gives it: ``--name=word`` (a word may start with '-'), ``--name word...``,
+    or ``--name`` / ``--no-name`` for a bool."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return [f"--{flag}" if value else f"--no-{flag}"]
+    if isinstance(value, list):
+        return [f"--{flag}", *words(value)]
+    return [f"--{flag}={value}"]
+
+
+def parse_train(tmp_path: Path, recipe=None, flags=()):
+    argv = ["--data", "d", *flags]
+    if recipe is not None:
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        argv += ["--config", str(path)]
+    return parse_args(argv, sweep_parser())
+
+
+def test_every_option_has_a_row():
+    assert set(TRAIN_TABLE) == set(sweep_parser().schema)
+    assert set(VALIDATE_TABLE) == set(validate_parser().schema)
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_TABLE))
+def test_a_value_means_the_same_as_a_flag_or_in_yaml(tmp_path, name):
+    value = TRAIN_TABLE[name][0]
+    if name in ("config", "data"):
+        return  # the config file cannot name itself; --data is given in parse_train
+    from_yaml = getattr(parse_train(tmp_path, {name: value}), name)
+    from_flag = getattr(parse_train(tmp_path, flags=flag_args(name, value)), name)
+    assert from_yaml == from_flag == value
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_TABLE))
+@pytest.mark.parametrize("column", ["wrong type", "out of range"])
+def test_a_bad_value_is_refused_in_yaml_and_as_a_flag(tmp_path, name, column):
+    bad = TRAIN_TABLE[name][1 if column == "wrong type" else 2]
+    if bad is None:
+        return  # a path or a free-form string: any string is one
+    option = sweep_parser().schema[name]
+    expected = re.escape(option.describe())
+    with pytest.raises(UsageError, match=rf"^config .*recipe.yaml: {name}: expected {expected}, got ") as error:
+        parse_train(tmp_path, {name: bad})
+    assert "\n" not in str(error.value)
+    if option.kind is bool or (option.kind is str and option.choices is None):
+        return  # on the command line a bool flag takes no value, and every word is a string
+    with pytest.raises(UsageError, match=rf"^argument --{name.replace('_', '-')}: expected {expected}, got "):
+        parse_train(tmp_path, flags=flag_args(name, bad))
+
+
+@pytest.mark.parametrize("name", sorted(VALIDATE_TABLE))
+def test_validate_checks_its_flags_with_the_same_schema(name):
+    required = ["--model", "m", "--checkpoint", "c", "--data", "d"]
+    valid, *bad_values = VALIDATE_TABLE[name]
+    assert getattr(validate_parse_args([*required, *flag_args(name, valid)]), name) == valid
+    expected = re.escape(validate_parser().schema[name].describe())
+    for bad in filter(lambda v: v is not None, bad_values):
+        with pytest.raises(UsageError, match=rf"^argument --{name.replace('_', '-')}: expected {expected}, got "):
+            validate_parse_args([*required, *flag_args(name, bad)])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("scale: 0.8", "scale: expected a list of 2 numbers in (0, 1], low <= high, got 0.8"),
+    ("batch_size: 16.7", "batch_size: expected an integer >= 1, got 16.7"),
+    ("hflip: yes", "hflip: expected a number in [0, 1], got True (YAML reads yes, no, on and off as true or false)"),
+    ("depths: 2", "depths: expected a list of one or more integers >= 1, got 2"),
+])
+def test_the_reported_yaml_cases_are_one_line_exit_2_nothing_written(tmp_path, capsys, text, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--data", str(tmp_path), "--output", str(tmp_path / "out"), "--config", str(recipe)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: config {recipe}: {message}"]
+    assert not (tmp_path / "out").exists()

@@ -48,11 +48,6 @@ def clamp_gamma(gamma: Tensor) -> Tensor:
     return torch.copysign(gamma.abs().clamp_min(GAMMA_MIN), gamma)
 
 
-def check_gamma_init(gamma_init: float) -> None:
-    if abs(gamma_init) < GAMMA_MIN:
-        raise ValueError(f"gamma_init {gamma_init} is below the clamp |gamma| >= {GAMMA_MIN}")
-
-
 def takes_high(column: int, level: int, num_levels: int) -> bool:
     """Whether level ``level`` of column ``column`` reads the previous column's next level up."""
     return column > 0 and level < num_levels - 1
@@ -412,7 +407,8 @@ class ReversibleColumns(nn.Module):
                 raise ValueError(f"column {c} has {len(levels)} levels, column 0 has {num_levels}")
         if len(gamma_shapes) != num_levels:
             raise ValueError(f"got {len(gamma_shapes)} gamma shapes for {num_levels} levels")
-        check_gamma_init(gamma_init)
+        if abs(gamma_init) < GAMMA_MIN:
+            raise ValueError(f"gamma_init {gamma_init} is below the clamp |gamma| >= {GAMMA_MIN}")
         if rebuild_budget_bits < 0:
             raise ValueError(f"rebuild_budget_bits must be >= 0, got {rebuild_budget_bits}")
         self.num_levels = num_levels

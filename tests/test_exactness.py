@@ -63,9 +63,10 @@ def test_reversible_gradients_are_bit_identical_to_plain_autograd(num_columns, g
     stem = nn.Linear(16, 16)
     assert_bit_identical(model, stem, torch.randn(3, 8, 16), autocast)
     kept = model._kept_columns()
-    assert len(kept) == {("default", 16): 1, ("default", 20): 1}.get((gammas, num_columns), len(kept))
-    if gammas == "driven_down" and num_columns >= 8:
-        assert kept, "rebuilding 7 or more columns at |gamma| <= 0.2 passes the budget: some must be kept"
+    if gammas == "default":  # 1 bit a rebuild: the 13th passes the 12 bits of the budget
+        assert len(kept) == (1 if num_columns > 13 else 0), kept
+    else:  # about 3.3 bits a rebuild at the smallest gammas: 3 rebuilds stay within the budget, 7 do not
+        assert bool(kept) == (num_columns >= 8), kept
     assert model.reconstruction_error.error < 1e-12
 
 

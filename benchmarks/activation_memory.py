@@ -1,7 +1,7 @@
 """Peak activation memory of a training step, counted tensor by tensor: runs on CPU, no GPU needed.
 
 For each model, one training step (forward, backward, AdamW step, under autocast unless ``--amp none``) runs
-inside :class:`revcol.PeakBytes`, which adds up the tensors the step creates until each is freed, leaving out
+inside :class:`revcol.memory.PeakBytes`, which adds up the tensors the step creates until each is freed, leaving out
 what the step starts with (parameters, gradients, optimizer state, the batch). Two batch sizes give the cost
 per image (the slope) and the batch-independent part (the intercept: autocast's weight copies, parameter
 gradients in flight). From those, the largest batch that fits a memory budget next to the model's own
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from common import VIT_MODELS, header, print_table, write_csv
 
 import revcol_vit  # noqa: F401  (registers the RevCol-ViT models with timm)
-from revcol import PeakBytes
+from revcol.memory import PeakBytes
 
 PAIRS = [("revcol_vit_s", "vit_small_patch16_224"), ("revcol_vit_s", "revcol_vit_s plain"),
          ("revcol_vit_b", "vit_base_patch16_224")]

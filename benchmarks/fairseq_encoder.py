@@ -15,7 +15,7 @@ import torch
 from common import header
 from fairseq import options, tasks
 
-from revcol import PeakBytes, count_saved_bytes
+from revcol.memory import PeakBytes, count_saved_bytes
 
 
 def build(arch, *flags):

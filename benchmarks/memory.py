@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from common import header, print_table, write_csv
 
-from revcol import count_saved_bytes, isotropic_columns
+from revcol import isotropic_columns
+from revcol.memory import count_saved_bytes
 
 
 def parse_args():

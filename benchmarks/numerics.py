@@ -28,7 +28,8 @@ from torch import nn
 
 import revcol.columns
 import revcol_vit  # noqa: F401  (registers the RevCol-ViT models with timm)
-from revcol import PeakBytes, count_saved_bytes, isotropic_columns
+from revcol import isotropic_columns
+from revcol.memory import PeakBytes, count_saved_bytes
 
 STREAMS = {  # name -> (stream dtype, rebuild budget in bits)
     "float64 (default)": (torch.float64, revcol.columns.REBUILD_BUDGET_BITS),

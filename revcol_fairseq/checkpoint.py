@@ -21,7 +21,7 @@ import torch
 from fairseq import checkpoint_utils
 from fairseq.file_io import PathManager
 
-from revcol import write_atomically
+from revcol.checkpoint import write_atomically
 
 CHECKPOINT_GLOBALS = [argparse.Namespace]
 

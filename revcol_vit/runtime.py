@@ -17,7 +17,7 @@ from timm.utils import accuracy
 from torch import nn
 from torch.utils.data import DataLoader
 
-from revcol import load_plain_checkpoint, write_atomically
+from revcol.checkpoint import load_plain_checkpoint, write_atomically
 
 from .config import UsageError
 

@@ -18,7 +18,8 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.flop_counter import FlopCounterMode
 
-from revcol import PeakBytes, write_atomically
+from revcol.checkpoint import write_atomically
+from revcol.memory import PeakBytes
 
 from .config import Option, Parser, UsageError
 from .data import open_splits

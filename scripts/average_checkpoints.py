@@ -2,7 +2,7 @@
 
 fairseq's own averaging script is not installed with its pip package, hence this one. It picks the newest
 ``checkpoint_<epoch>_<updates>.pt`` files (written with ``--save-interval-updates``) from a directory, loads them
-with ``torch.load(weights_only=True)`` (safe loading, through ``revcol.load_plain_checkpoint``: importing
+with ``torch.load(weights_only=True)`` (safe loading, through ``revcol.checkpoint.load_plain_checkpoint``: importing
 revcol_fairseq allows the one extra global fairseq checkpoints hold), averages every floating-point weight in
 float64 and writes a checkpoint that fairseq-generate loads like any other: the newest input with its weights
 replaced. The output is written to a temporary file first and renamed, so it is never half-written.
@@ -17,7 +17,7 @@ import sys
 import torch
 
 import revcol_fairseq  # noqa: F401  (registers the safe-loading allowlist for fairseq checkpoints)
-from revcol import load_plain_checkpoint, write_atomically
+from revcol.checkpoint import load_plain_checkpoint, write_atomically
 
 UPDATE_CHECKPOINT = re.compile(r"checkpoint_\d+_(\d+)\.pt")
 

@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import sys
 
-from revcol import write_atomically
+from revcol.checkpoint import write_atomically
 
 GOOGLE_WMT16_URL = "https://drive.google.com/uc?export=download&id=0B_bZck-ksdkpM25jRUN2X2UxMm8"
 WMT14_EN_FR_TRAIN = {  # corpus path inside --raw-dir: the statmt.org archive that holds it

@@ -19,7 +19,7 @@ import sys
 import sacrebleu
 from sacremoses import MosesDetokenizer
 
-from revcol import write_atomically
+from revcol.checkpoint import write_atomically
 
 COMPOUND_HYPHEN = re.compile(r"(\S)-(\S)")
 

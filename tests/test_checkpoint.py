@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from revcol import load_plain_checkpoint, write_atomically
+from revcol.checkpoint import load_plain_checkpoint, write_atomically
 
 
 @dataclass

@@ -8,8 +8,8 @@ from helpers import rel_error
 from torch import nn
 
 import revcol.columns
-from revcol import PeakBytes, ReversibleColumns, clamp_gamma, count_saved_bytes, isotropic_columns
-from revcol.memory import note_kept_for_backward
+from revcol import ReversibleColumns, clamp_gamma, isotropic_columns
+from revcol.memory import PeakBytes, count_saved_bytes, note_kept_for_backward
 
 WIDTHS = (6, 8, 10, 12)  # a different width per level: the unit does not need equal shapes across levels
 

@@ -19,7 +19,7 @@ from fairseq.models.transformer import TransformerEncoder
 from fairseq.sequence_generator import SequenceGenerator
 from helpers import rel_error, write_reversal_corpus
 
-from revcol import count_saved_bytes
+from revcol.memory import count_saved_bytes
 from revcol_fairseq import RevColTransformerModel
 
 REPO = Path(__file__).resolve().parents[1]

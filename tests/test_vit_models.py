@@ -9,7 +9,8 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 import revcol_vit
-from revcol import PeakBytes, count_saved_bytes
+from revcol.memory import PeakBytes, count_saved_bytes
+from revcol.testing import assert_reversible_matches_plain
 from revcol_vit.sweep import SWEEP_VARIANTS, gflops, peak_mb_per_sample
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, num_classes=5)
@@ -353,3 +354,17 @@ def test_bad_kwargs_raise_one_clear_error(kwargs, message):
 def test_wrong_input_size_is_a_clear_error():
     with pytest.raises(ValueError, match="input is 64x64 but the model was built for img_size 32x32"):
         tiny()(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("name", ["revcol_vit_s", "revcol_vit_b_8x4"])
+def test_registered_vit_models_train_with_plain_autograds_gradients(name):
+    # The registered variants at their defaults (gamma_init 0.5, their drop path rates), 8 columns included.
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=32, num_classes=5)
+    x = torch.randn(2, 3, 32, 32)
+
+    def loss():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x).float().logsumexp(-1).sum()
+
+    assert_reversible_matches_plain(model, loss)

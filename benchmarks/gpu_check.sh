@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Issue 5's GPU figures, each part in one device call: a lent GPU has 15 minutes of device time in all, and
-# one call runs 10 minutes at most.
+# The GPU figures of docs/benchmarks.md, each part in one run of at most DEADLINE_S seconds (default 540):
 #
-#   benchmarks/gpu_check.sh vit       targets 1, 2, 3 and 5, then the CUDA tests and compiled RevCol-ViT-S
-#   benchmarks/gpu_check.sh fairseq   builds fairseq from .whl/, then target 4 at 4096 tokens (carry [".whl"];
-#                                     fill .whl/ here first with ../shared/gpu/prepare-fairseq-wheels.sh)
+#   benchmarks/gpu_check.sh vit       memory against columns, RevCol-ViT against timm's ViT, the CUDA tests
+#                                     and compiled RevCol-ViT-S
+#   benchmarks/gpu_check.sh fairseq   installs fairseq from the wheels in .whl/ (a fairseq build for the GPU
+#                                     machine's Python), then the Transformer throughput at 4096 tokens
 #
 # Run it from the repository root. Output goes to $OUT (default runs/gpu_check): PART.log with every step's
-# output, and the benchmarks' CSV and PNG files, 7 files at most (the device tool returns 8). Each step runs
-# under what is left of DEADLINE_S seconds (default 540), so a slow step costs the steps after it, not the log.
+# output, and the benchmarks' CSV and PNG files. Each step runs under what is left of the deadline, so a slow
+# step costs the steps after it, not the log.
 set -uo pipefail
 part=${1:-}
 out=${OUT:-runs/gpu_check}
@@ -34,9 +34,9 @@ step() {
 echo "### $(date -u +%F) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
 python3 -c 'import torch, timm; print("### torch", torch.__version__, "timm", timm.__version__)'
 if [ "$part" = vit ]; then
-    step 120 "target 1: memory against columns" \
+    step 120 "memory against columns" \
         python3 benchmarks/memory.py --batch 64 --amp bf16 --out "$out/memory"
-    step 240 "targets 2, 3 and 5: eager RevCol-ViT against timm's ViT" \
+    step 240 "eager RevCol-ViT against timm's ViT" \
         python3 benchmarks/vit_throughput.py --models "revcol_vit_s,revcol_vit_s plain,vit_small_patch16_224" \
         --budget-models "revcol_vit_b,vit_base_patch16_224" --out "$out/vit_throughput"
     step 180 "CUDA tests" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_compile.py -k cuda
@@ -48,7 +48,7 @@ else
     step 240 "build fairseq" bash -c 'python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
         .whl/*.whl && env -u CUDA_HOME MAX_JOBS=16 python3 -m pip wheel -q --no-deps --no-build-isolation --no-index \
         -w /tmp/fw .whl/fairseq_fixed-*.tar.gz && python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/fw/*.whl'
-    step 600 "target 4: RevCol-Transformer against Transformer-big" python3 benchmarks/fairseq_throughput.py \
+    step 600 "RevCol-Transformer against Transformer-big" python3 benchmarks/fairseq_throughput.py \
         --max-tokens 4096 --updates 150 --log-interval 30 --log-dir /tmp/fairseq_logs
     [ -d /tmp/fairseq_logs ] && tar czf "$out/fairseq_logs.tgz" -C /tmp fairseq_logs
 fi

@@ -1,8 +1,11 @@
 """Helpers shared by the test files."""
+import importlib.util
 import random
 from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -19,3 +22,17 @@ def write_reversal_corpus(workdir: Path) -> None:
         sentences = [rng.choices(words, k=rng.randint(3, 9)) for _ in range(count)]
         (workdir / f"{split}.src").write_text("".join(" ".join(s) + "\n" for s in sentences))
         (workdir / f"{split}.tgt").write_text("".join(" ".join(reversed(s)) + "\n" for s in sentences))
+
+
+def load_example(relative_path: str):
+    """An example script of the repository as a module, imported by its path (sys.path stays as it is)."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_digits(*args, **kwargs) -> Path:
+    """The toy image data set users build with ``examples/vit/make_digits.py`` (scikit-learn's digits)."""
+    return load_example("examples/vit/make_digits.py").write_digits(*args, **kwargs)

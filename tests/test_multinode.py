@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_reversal_corpus
+from helpers import write_digits, write_reversal_corpus
 
 from revcol_vit.train import parse_args, train
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples" / "vit"))
-from make_digits import write_digits  # noqa: E402  (the example script that builds the toy data set)
 
 pytestmark = pytest.mark.slow  # launches torchrun and fairseq-train processes
 

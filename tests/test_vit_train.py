@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_digits
 from PIL import Image
 from timm.data import create_dataset
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -28,8 +29,6 @@ from revcol_vit.validate import main as validate_main
 from revcol_vit.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples" / "vit"))
-from make_digits import write_digits  # noqa: E402  (the example script that builds the toy data set)
 
 pytestmark = pytest.mark.slow  # trains through the CLIs, some in subprocesses
 

@@ -619,6 +619,10 @@ class ReversibleColumns(nn.Module):
         """After load_state_dict: the next forward waits for the new gammas' copy, not deciding from the old."""
         self._growth_bits = self._growth_copy = None
 
+    # Opaque to a whole-model torch.compile (one graph break here): Dynamo would compile the levels inside the
+    # no-grad forward while the recompute runs them eagerly, and the inverse magnifies the difference. The levels
+    # run as they are in both passes, compiled where compile_levels() compiled them.
+    @torch._dynamo.disable
     def _forward_reversible(self, x0: Tensor, context: Dict) -> List[Tensor]:
         keys = [k for k, v in context.items() if isinstance(v, Tensor)]
         for k in keys:

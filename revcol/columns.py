@@ -606,7 +606,7 @@ class ReversibleColumns(nn.Module):
             host = torch.empty(growth.shape, dtype=growth.dtype, pin_memory=True)
             host.copy_(growth, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(growth.device))
             self._growth_copy = host, event
         if self._growth_bits is None:
             host, event = self._growth_copy

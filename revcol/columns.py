@@ -32,13 +32,25 @@ from torch.utils.hooks import RemovableHandle
 
 from .memory import note_kept_for_backward
 
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # a build of torch without torch.distributed
+    FSDPModule = ()
+
 GAMMA_MIN = 1e-3
 GAMMA_INIT = 0.5  # the official code's starting gamma
 STREAM_DTYPE = torch.float64
 REBUILD_BUDGET_BITS = 12
+# The kept columns are decided from a copy of the gammas that reaches the host without waiting: on a GPU, the one
+# copied in an earlier forward (the gammas move by one optimizer step or more since). Such a decision is taken
+# with this many bits less budget, so it stays within the budget unless the product of 1/|gamma| over a rebuilt
+# stretch doubled since the copy.
+STALE_GAMMAS_MARGIN_BITS = 1.0
 RECONSTRUCTION_WARN = 1e-4
 PROBE_SIZE = 1024
 RUNS_ONCE = "reversible columns: backward through a reversible forward runs once (retain_graph is not supported)"
+NO_PARAMETER_GRADIENTS = ("reversible columns: level {level} of column {column} received a gradient, but none of its "
+                          "parameters did: the recompute did not run on the parameters being trained")
 NO_DOUBLE_BACKWARD = ("reversible columns: double backward (create_graph=True) is not supported; "
                       "use reversible=False for gradients of gradients")
 
@@ -96,7 +108,17 @@ class Column(nn.Module):
                              f"(C, 1, 1) for NCHW maps")
         return torch.addcmul(y, clamp_gamma(gamma).to(STREAM_DTYPE), prev[l])  # y + gamma * x_prev, one kernel
 
-    def forward(self, x0: Tensor, prev: Optional[List[Tensor]], context: Dict) -> List[Tensor]:
+    def forward(self, x0: Tensor, prev: Optional[List[Tensor]], context: Dict,
+                reversible: Optional["_ReversibleRun"] = None) -> List[Tensor]:
+        if reversible is not None:
+            # Run through the module call, so that what hooks into it runs around the column: FSDP gathers its
+            # parameters for the forward, and again, when its outputs get their gradients, for the recompute.
+            keys = [k for k, v in context.items() if isinstance(v, Tensor)]
+            plain = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
+            params = [p for p in self.parameters() if p.requires_grad]
+            return list(_ReversibleColumn.apply(self, reversible.tape, reversible.last, reversible.keep_top,
+                                                reversible.with_graph, plain, keys, x0,
+                                                *(context[k] for k in keys), *(prev or ()), *params))
         states: List[Tensor] = []
         for l in range(len(self.levels)):
             y = self.f(l, *self.inputs(l, x0, states, prev), context, x0.dtype)
@@ -105,7 +127,7 @@ class Column(nn.Module):
 
     def amplification(self) -> Tensor:
         """How much one inverse step through this column can magnify an error: max over levels of 1/|gamma|."""
-        return torch.stack([1.0 / clamp_gamma(g.detach()).abs().min() for g in self.gammas]).max()
+        return torch.stack([1.0 / clamp_gamma(_full(g.detach())).abs().min() for g in self.gammas]).max()
 
 
 class ReconstructionError(NamedTuple):
@@ -194,6 +216,35 @@ class _RngState:
             yield
 
 
+class _ReversibleRun(NamedTuple):
+    """How :class:`Column` runs reversibly in one forward (see :class:`_ReversibleColumn`)."""
+    tape: _Tape
+    last: bool
+    keep_top: bool
+    with_graph: bool
+
+
+def _sharded(column: Column) -> bool:
+    """Whether FSDP2 shards this column's parameters (the column or its levels wrapped with ``fully_shard``)."""
+    return any(isinstance(m, FSDPModule) for m in column.modules())
+
+
+def _reaches_a_parameter(y: Tensor, inputs: List[Tensor]) -> bool:
+    """Whether y's graph reaches a leaf other than ``inputs``: a parameter."""
+    inputs_ids = {id(t) for t in inputs}
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # an AccumulateGrad node's leaf
+        if variable is not None and id(variable) not in inputs_ids:
+            return True
+        todo.extend(next_fn for next_fn, _ in fn.next_functions)
+    return False
+
+
 class _ReversibleColumn(torch.autograd.Function):
     """One column run without a graph; its backward rebuilds the previous column and differentiates this one.
 
@@ -203,6 +254,11 @@ class _ReversibleColumn(torch.autograd.Function):
     column's output gradients come from the next column's backward. Parameter gradients are returned column
     by column, so they are accumulated (and, under DDP, reduced) as soon as a column is done instead of being
     held to the end.
+
+    Under FSDP2 the parameters a level computes with are gathered copies that exist only around the module
+    call: the column's forward, or, per level, each level's call. So backward differentiates whatever the
+    recompute ran on, and accumulates the gradients into those copies' ``.grad``, where FSDP reduce-scatters
+    them; the Function returns no parameter gradients then.
     """
 
     @staticmethod
@@ -244,7 +300,7 @@ class _ReversibleColumn(torch.autograd.Function):
                 states.append(column.shortcut(l, y, prev))
                 if rng.consumed():
                     ctx.rng[l] = rng
-        ctx.column, ctx.tape, ctx.last = column, tape, last
+        ctx.column, ctx.tape, ctx.last, ctx.sharded = column, tape, last, _sharded(column)
         ctx.context_plain, ctx.context_keys = context_plain, context_keys
         ctx.params = list(tensors[n_ctx + (L if c > 0 else 0):])
         ctx.save_for_backward(x0, *tensors[:n_ctx])
@@ -315,7 +371,9 @@ class _ReversibleColumn(torch.autograd.Function):
                         prev[l] = tape.check(c - 1, l, rebuilt.div_(gamma))
                     if grad is not None:
                         prev_grads[l] = _add(prev_grads[l], grad * gamma.detach())
-                        if column.gammas[l] in index:
+                        if ctx.sharded and column.gammas[l].requires_grad:
+                            torch.autograd.backward(gamma, (grad * prev[l]).sum_to_size(gamma.shape))
+                        elif column.gammas[l] in index:
                             grad_gamma = (grad * prev[l]).sum_to_size(gamma.shape)
                             i = index[column.gammas[l]]
                             param_grads[i] = _add(param_grads[i],
@@ -324,10 +382,19 @@ class _ReversibleColumn(torch.autograd.Function):
                 if grad is None:  # nothing downstream depends on this level
                     continue
                 inputs = [low] + ([high] if high is not None else [])
-                level_params = [p for p in column.levels[l].parameters() if p in index]
-                got = torch.autograd.grad(y, inputs + level_params, grad, allow_unused=True)
+                trained = any(p.requires_grad for p in column.levels[l].parameters())
+                if ctx.sharded:
+                    if trained and not _reaches_a_parameter(y, inputs):
+                        raise RuntimeError(NO_PARAMETER_GRADIENTS.format(level=l, column=c))
+                    torch.autograd.backward(y, grad)  # into the inputs' and the parameters' .grad
+                    got_inputs, got_params, level_params = [t.grad for t in inputs], [], []
+                else:
+                    level_params = [p for p in column.levels[l].parameters() if p in index]
+                    got = torch.autograd.grad(y, inputs + level_params, grad, allow_unused=True)
+                    got_inputs, got_params = got[:len(inputs)], got[len(inputs):]
+                    if trained and all(g is None for g in got_params):
+                        raise RuntimeError(NO_PARAMETER_GRADIENTS.format(level=l, column=c))
                 del y, grad
-                got_inputs, got_params = got[:len(inputs)], got[len(inputs):]
                 if l == 0:
                     grad_x0 = _add(grad_x0, got_inputs[0])
                 else:
@@ -354,6 +421,11 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
         return torch.broadcast_shapes(shape, target) == target
     except RuntimeError:
         return False
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor of a sharded one (a DTensor, as FSDP2 leaves a parameter outside its module's forward)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
@@ -419,7 +491,11 @@ class ReversibleColumns(nn.Module):
         self.rebuild_budget_bits = rebuild_budget_bits
         self.levels_compiled = False
         self._errors: Dict[Tuple[int, int], Tensor] = {}
+        self._worst_error: Optional[Tensor] = None  # on the device: the worst since worst_reconstruction_error()
         self._warned = False
+        self._growth_bits: Optional[List[float]] = None  # log2 of each column's amplification, on the host
+        self._growth_copy: Optional[Tuple[Tensor, "torch.cuda.Event"]] = None  # a device-to-host copy under way
+        self.register_load_state_dict_post_hook(self._forget_gammas)
         self._reconstruction_hooks: Dict[int, Callable] = OrderedDict()  # RemovableHandle keeps a weak reference
 
     def forward(self, x0: Tensor, **context) -> List[Tensor]:
@@ -451,6 +527,25 @@ class ReversibleColumns(nn.Module):
         self.levels_compiled = True
         return self
 
+    def worst_reconstruction_error(self) -> Optional[float]:
+        """The worst relative error of a rebuilt state over the reversible backwards since the last call (None if
+        none rebuilt a column). It is kept on the device, so backward reads nothing back; this call reads it
+        once, for a training loop's log interval. Warns once above 1e-4, as :attr:`reconstruction_error` does."""
+        if self._worst_error is None:
+            return None
+        worst, self._worst_error = float(self._worst_error.cpu()), None
+        self._warn_if_drifting(worst, "a rebuilt state")
+        return worst
+
+    def _warn_if_drifting(self, error: float, where: str) -> None:
+        if error > RECONSTRUCTION_WARN and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"reversible columns: {where} is {error:.1e} off the forward's (relative), above "
+                f"{RECONSTRUCTION_WARN:g}: reversible gradients differ from plain autograd's. Use deterministic "
+                f"level kernels, keep more states (a lower rebuild_budget_bits), a larger gamma_init, or "
+                f"reversible=False", stacklevel=3)
+
     @property
     def reconstruction_error(self) -> Optional[ReconstructionError]:
         """The worst rebuilt state of the last reversible backward, relative to the forward's (max norm over a
@@ -465,13 +560,7 @@ class ReversibleColumns(nn.Module):
         errors = torch.stack([self._errors[k] for k in keys]).float().cpu()
         worst = int(errors.argmax())
         result = ReconstructionError(float(errors[worst]), *keys[worst])
-        if result.error > RECONSTRUCTION_WARN and not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"reversible columns: the rebuilt state of column {result.column}, level {result.level} is "
-                f"{result.error:.1e} off the forward's (relative), above {RECONSTRUCTION_WARN:g}: reversible "
-                f"gradients differ from plain autograd's. Use deterministic level kernels, keep more states "
-                f"(a lower rebuild_budget_bits), a larger gamma_init, or reversible=False", stacklevel=2)
+        self._warn_if_drifting(result.error, f"the rebuilt state of column {result.column}, level {result.level}")
         return result
 
     def register_reconstruction_hook(self, hook: Callable[["ReversibleColumns"], None]) -> RemovableHandle:
@@ -483,6 +572,8 @@ class ReversibleColumns(nn.Module):
 
     def _finish_backward(self, errors: Dict[Tuple[int, int], Tensor]) -> None:
         self._errors = errors
+        worst = torch.stack(list(errors.values())).max()
+        self._worst_error = worst if self._worst_error is None else torch.maximum(self._worst_error, worst)
         for hook in self._reconstruction_hooks.values():
             hook(self)
 
@@ -491,28 +582,57 @@ class ReversibleColumns(nn.Module):
         column (kept as the outputs), the bound on the rebuild's error grows by 1/|gamma| per column."""
         if len(self.columns) < 2:
             return set()
-        growth = torch.stack([column.amplification() for column in self.columns[1:]]).log2().tolist()
+        growth, current = self._gamma_growth_bits()
+        budget = self.rebuild_budget_bits - (0.0 if current else STALE_GAMMAS_MARGIN_BITS)
         kept, bits = set(), 0.0
         for c in reversed(range(len(self.columns) - 1)):  # column c is rebuilt by column c + 1
             bits += growth[c]
-            if bits > self.rebuild_budget_bits:
+            if bits > budget:
                 kept.add(c)
                 bits = 0.0
         return kept
 
+    def _gamma_growth_bits(self) -> Tuple[List[float], bool]:
+        """log2 of each column's amplification (from column 1 on), without waiting for the device, and whether it
+        is from the current gammas. On the CPU it is. On a GPU each forward starts a copy to the host, and
+        decides from the newest copy that has arrived; only the first forward, and the first after
+        load_state_dict, wait for theirs."""
+        growth = torch.stack([column.amplification() for column in self.columns[1:]]).log2()
+        if not growth.is_cuda:  # on the CPU nothing to wait for (elsewhere, a blocking copy)
+            return (growth if growth.device.type == "cpu" else growth.cpu()).numpy().tolist(), True
+        if self._growth_copy is not None and self._growth_copy[1].query():
+            self._growth_bits, self._growth_copy = self._growth_copy[0].numpy().tolist(), None
+        if self._growth_copy is None:  # one copy under way at a time
+            host = torch.empty(growth.shape, dtype=growth.dtype, pin_memory=True)
+            host.copy_(growth, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(growth.device))
+            self._growth_copy = host, event
+        if self._growth_bits is None:
+            host, event = self._growth_copy
+            event.synchronize()
+            self._growth_bits, self._growth_copy = host.numpy().tolist(), None
+            return self._growth_bits, True
+        return self._growth_bits, False
+
+    def _forget_gammas(self, module: nn.Module, incompatible_keys) -> None:
+        """After load_state_dict: the next forward waits for the new gammas' copy, not deciding from the old."""
+        self._growth_bits = self._growth_copy = None
+
+    # Opaque to a whole-model torch.compile (one graph break here): Dynamo would compile the levels inside the
+    # no-grad forward while the recompute runs them eagerly, and the inverse magnifies the difference. The levels
+    # run as they are in both passes, compiled where compile_levels() compiled them.
+    @torch._dynamo.disable
     def _forward_reversible(self, x0: Tensor, context: Dict) -> List[Tensor]:
         keys = [k for k, v in context.items() if isinstance(v, Tensor)]
         for k in keys:
             if context[k].requires_grad:  # it would silently get no gradient
                 raise ValueError(f"keyword argument '{k}' requires grad, but reversible columns give keyword "
                                  f"arguments no gradient: detach it, or make it a parameter of a level")
-        plain = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
         tape = _Tape(self, self._kept_columns())
-        states: List[Tensor] = []
+        states = None
         for c, column in enumerate(self.columns):
-            params = [p for p in column.parameters() if p.requires_grad]
             last = c == len(self.columns) - 1
-            states = list(_ReversibleColumn.apply(column, tape, last, last and self.keep_top_graph,
-                                                  self.levels_compiled, plain, keys, x0,
-                                                  *(context[k] for k in keys), *states, *params))
+            run = _ReversibleRun(tape, last, last and self.keep_top_graph, self.levels_compiled)
+            states = column(x0, states, context, reversible=run)
         return states

@@ -65,6 +65,11 @@ def _probability(text: str) -> float:
 def check_args(args) -> None:
     """Checks for namespaces built without our argparse types, and across flags; one ValueError naming them."""
     parse_blocks(args.revcol_blocks)
+    if getattr(args, "ddp_backend", None) == "fully_sharded":
+        # fairscale's FSDP gathers a module's parameters in its forward hooks, which the reversible backward's
+        # recompute of the columns does not go through.
+        raise ValueError("--ddp-backend fully_sharded is not supported by revcol_transformer: use --ddp-backend "
+                         "pytorch_ddp (the default) or c10d")
     if args.revcol_columns < 1:
         raise ValueError(f"--revcol-columns must be at least 1, got {args.revcol_columns}")
     for side in ("encoder", "decoder"):

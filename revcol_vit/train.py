@@ -251,6 +251,18 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
     t.model.train()
     columns = getattr(t.model, "revcol", None)  # any timm model trains here; only RevCol-ViT rebuilds states
     worst_rebuild = None
+
+    def read_rebuild_error() -> None:
+        # The gauge stays on the device through the steps; reading it waits for the device, so it is read at the
+        # log interval and the epoch's end only. Reading it warns once if reversible gradients drift from plain
+        # autograd's (revcol.ReversibleColumns).
+        nonlocal worst_rebuild
+        rebuild = columns.worst_reconstruction_error() if columns is not None else None
+        if rebuild is not None:
+            worst_rebuild = max(worst_rebuild or 0.0, rebuild)
+            if writer is not None:
+                writer.add_scalar("train/reconstruction_error", rebuild, t.num_updates)
+
     progress = tqdm(micro_batches, total=num_micro_batches, desc=desc, disable=not d.is_main, dynamic_ncols=True)
     loss_sum, micro_loss = 0.0, torch.zeros((), device=d.device)
     log = IntervalLog(args.log_interval if d.is_main else 0, args.batch_size, d.device, desc,
@@ -283,17 +295,14 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
         if not math.isfinite(step_loss):
             raise RuntimeError(f"loss is {step_loss} at step {t.num_updates}; lower --lr or use --amp bf16")
         loss_sum += step_loss
-        # Reading it warns once if reversible gradients drift from plain autograd's (revcol.ReversibleColumns).
-        rebuild = columns.reconstruction_error if columns is not None and columns.reversible else None
-        if rebuild is not None:
-            worst_rebuild = max(worst_rebuild or 0.0, rebuild.error)
+        if args.log_interval > 0 and t.num_updates % args.log_interval == 0:
+            read_rebuild_error()
         if writer is not None:
             writer.add_scalar("train/loss", step_loss, t.num_updates)
             writer.add_scalar("train/lr", t.lr, t.num_updates)
-            if rebuild is not None:
-                writer.add_scalar("train/reconstruction_error", rebuild.error, t.num_updates)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{t.lr:.3g}")
         log.step(t.num_updates, (i + 1) // args.accum_steps, step_loss, t.lr)
+    read_rebuild_error()
     metrics = dict(train_loss=loss_sum / (num_micro_batches // args.accum_steps))
     if worst_rebuild is not None:
         metrics["reconstruction_error"] = worst_rebuild

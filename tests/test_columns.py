@@ -530,3 +530,22 @@ def test_parameter_gradients_are_released_column_by_column():
         last_grad = max(i for i, e in enumerate(events) if e == ("grad", c))
         first_recompute_before = min(i for i, e in enumerate(events) if e == ("recompute", c - 1))
         assert last_grad < first_recompute_before, events
+
+
+class DetachedWeights(nn.Module):
+    """A level computing with detached copies of its parameters: they can get no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, low, high):
+        x = low if high is None else low + high
+        return nn.functional.linear(x, self.linear.weight.detach(), self.linear.bias.detach())
+
+
+def test_a_level_whose_parameters_get_no_gradient_raises_instead_of_leaving_them_none():
+    model = ReversibleColumns([[DetachedWeights(), DetachedWeights()] for _ in range(2)], gamma_shapes=[(8,), (8,)])
+    states = model(torch.randn(2, 8, requires_grad=True))
+    with pytest.raises(RuntimeError, match="level 1 of column 1 received a gradient, but none of its parameters"):
+        sum(s.sum() for s in states).backward()

@@ -331,6 +331,7 @@ def test_dims_that_do_not_fit_the_heads_are_refused(flags, message):
 @pytest.mark.parametrize("name, value, message", [
     ("revcol_blocks", "1", "--revcol-blocks needs at least 2 levels"),
     ("revcol_columns", 0, "--revcol-columns must be at least 1, got 0"),
+    ("ddp_backend", "fully_sharded", "--ddp-backend fully_sharded is not supported by revcol_transformer"),
 ])
 def test_namespaces_built_without_the_parser_are_checked_too(name, value, message):
     args = model_args("revcol_transformer_tiny")

@@ -132,7 +132,9 @@ class _Tape:
     column c's exact states, kept in the forward because rebuilding them could magnify rounding past the
     budget. ``probe``: a fixed sample of each of the first column's states. Backward measures what it rebuilt
     (``errors``) where the rebuild's error is largest, at the end of each stretch of rebuilt columns: against
-    the kept states, and in the first column against the probe. Memory stays flat in the number of columns.
+    the kept states, and in the first column against the probe. ``cast_bits[c, l]``: the last bit of each value
+    of the forward's cast of state (c, l) to the levels' dtype, for the columns backward rebuilds. Memory stays
+    flat in the number of columns but for those bits, 1/64 of a column's float64 states.
     """
 
     def __init__(self, owner: "ReversibleColumns", kept_columns: Set[int]):

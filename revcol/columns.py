@@ -17,8 +17,10 @@ The level states (the "stream") are carried in float64 while the level functions
 output's dtype, on copies of their inputs in that dtype. The float64 sum ``F + gamma * x`` keeps the bits
 that a float32 sum would round away, so the inverse gives back the forward's states to far below float32's
 resolution, the recompute sees the same inputs as the forward, and reversible gradients equal plain
-autograd's. Each inverse step still divides the stream's own rounding by gamma; where that could add up to
-more than 2**rebuild_budget_bits since the last exact state, a column's states are kept for backward.
+autograd's. Where a rebuilt state still casts one ulp from the forward's cast (a value that close to a
+rounding boundary), a bit kept from the forward's cast turns it back (``_ForwardCast``). Each inverse step
+still divides the stream's own rounding by gamma; where that could add up to more than 2**rebuild_budget_bits
+since the last exact state, a column's states are kept for backward.
 """
 import math
 import warnings

@@ -120,6 +120,90 @@ def exactness(columns):
                 print(f"| {name} | {variant} | {len(model.revcol.columns)} | " + " | ".join(cells) + " |")
 
 
+@contextmanager
+def cast_bits(on):
+    """With the last bit of each rebuilt state's cast kept (the core as it is), or without: the forward records
+    the states as if the levels computed in float64, so that the recompute casts the rebuilt states as they are."""
+    record = revcol.columns._Tape.record
+    if not on:
+        revcol.columns._Tape.record = lambda tape, c, states, dtype: record(tape, c, states, torch.float64)
+    try:
+        yield
+    finally:
+        revcol.columns._Tape.record = record
+
+
+def imagenet_steps(steps, batch, bf16):
+    """Training steps of RevCol-ViT-S at 224 px with gammas off powers of two: each step's gradients in plain
+    mode and reversibly with and without the cast bits, compared with torch.equal; then an SGD step with the
+    plain gradients, so that every step sees new weights."""
+    torch.manual_seed(0)
+    model = timm.create_model("revcol_vit_s")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gammas" in name:
+                p.copy_(0.4 + 0.5 * torch.rand(p.shape, generator=generator))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    runs = {"plain": (False, True), "cast bits kept": (True, True), "no cast bits": (True, False)}
+    rows = {name: dict(equal=0, worst=0.0, worst_tensor=0.0, gauge=0.0, times=[], saved=0) for name in runs}
+    for i in range(steps):
+        x = torch.randn(batch, 3, 224, 224, generator=generator)
+        target = torch.randint(0, 1000, (batch,), generator=generator)
+        grads = {}
+        for name, (reversible, bits) in runs.items():
+            model.reversible = reversible
+            model.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_()
+            torch.manual_seed(i)  # the same drop path masks in every run
+            start = time.perf_counter()
+            with cast_bits(bits), count_saved_bytes() as saved:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(xi)
+                loss = nn.functional.cross_entropy(logits.float(), target)
+            with cast_bits(bits):
+                loss.backward()
+            rows[name]["times"].append(time.perf_counter() - start)
+            rows[name]["saved"] = saved.bytes
+            grads[name] = [xi.grad] + [p.grad for p in model.parameters()]
+            if reversible:
+                rows[name]["gauge"] = max(rows[name]["gauge"], model.revcol.reconstruction_error.error)
+        for name in ("cast bits kept", "no cast bits"):
+            pairs = list(zip(grads[name], grads["plain"]))
+            if all(torch.equal(a, b) for a, b in pairs):
+                rows[name]["equal"] += 1
+                continue
+            diff = torch.cat([(a - b).flatten() for a, b in pairs]).norm()
+            rows[name]["worst"] = max(rows[name]["worst"],
+                                      (diff / torch.cat([b.flatten() for _, b in pairs]).norm()).item())
+            rows[name]["worst_tensor"] = max(rows[name]["worst_tensor"], max(
+                ((a - b).abs().max() / b.abs().max()).item() for a, b in pairs))
+        for p, g in zip(model.parameters(), grads["plain"][1:]):
+            p.grad = g
+        optimizer.step()
+    for name in ("cast bits kept", "no cast bits"):
+        r = rows[name]
+        print(f"| {'bf16' if bf16 else 'none'} | {name} | {r['equal']}/{steps} | {r['worst']:.1e} | "
+              f"{r['worst_tensor']:.1e} | {r['gauge']:.1e} | {r['saved'] / 2**20:.2f} | "
+              f"{statistics.median(r['times']):.2f} |", flush=True)
+    print(f"| {'bf16' if bf16 else 'none'} | plain | - | - | - | - | {rows['plain']['saved'] / 2**20:.2f} | "
+          f"{statistics.median(rows['plain']['times']):.2f} |", flush=True)
+
+
+def imagenet(steps, batch, autocasts):
+    print(f"\n## Exactness at ImageNet shapes: RevCol-ViT-S, 224 px, batch {batch}, {steps} SGD steps (lr 1e-3) "
+          f"from gammas drawn in [0.4, 0.9], cross-entropy\n")
+    print("Bit-identical steps: torch.equal on the input's and every parameter's gradient, reversible against "
+          "plain. Relative error: ||g_rev - g_plain|| / ||g_plain|| over all gradients, worst of the other steps; "
+          "worst tensor: max |g_rev - g_plain| / max |g_plain| of the worst tensor. Gauge: the largest "
+          "reconstruction_error. Saved: bytes kept for backward by the forward. Step: median forward and "
+          "backward.\n")
+    print("| autocast | run | bit-identical steps | relative error | worst tensor | gauge | saved MiB | step s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for bf16 in autocasts:
+        imagenet_steps(steps, batch, bf16)
+
+
 def memory_and_time(columns, batch, steps):
     print(f"\n## Memory and step time: RevCol-ViT-S columns (dim 224, blocks (2, 2, 2, 2)), batch {batch} x 196 "
           f"tokens, bf16 autocast, reversible; steps of the two streams alternate, median of {steps} each\n")
@@ -164,12 +248,18 @@ def main():
     p.add_argument("--memory-columns", default="2,4,8,16")
     p.add_argument("--batch", type=int, default=4, help="batch of the memory and time table")
     p.add_argument("--steps", type=int, default=5, help="timed steps of each stream per column count")
-    p.add_argument("--only", choices=["exactness", "cost"], help="one of the two parts")
+    p.add_argument("--imagenet-steps", type=int, default=20, help="training steps of the ImageNet-shape table")
+    p.add_argument("--imagenet-batch", type=int, default=8)
+    p.add_argument("--imagenet-autocast", default="none,bf16", help="none, bf16 or both, comma-separated")
+    p.add_argument("--only", choices=["exactness", "cost", "imagenet"], help="one of the three parts")
     args = p.parse_args()
     print("# " + header(f"CPU ({torch.get_num_threads()} threads)", "python benchmarks/numerics.py"))
-    if args.only != "cost":
+    if args.only in (None, "exactness"):
         exactness([int(n) for n in args.columns.split(",")])
-    if args.only != "exactness":
+    if args.only in (None, "imagenet"):
+        imagenet(args.imagenet_steps, args.imagenet_batch,
+                 [name == "bf16" for name in args.imagenet_autocast.split(",")])
+    if args.only in (None, "cost"):
         memory_and_time([int(n) for n in args.memory_columns.split(",")], args.batch, args.steps)
 
 

@@ -17,8 +17,10 @@ The level states (the "stream") are carried in float64 while the level functions
 output's dtype, on copies of their inputs in that dtype. The float64 sum ``F + gamma * x`` keeps the bits
 that a float32 sum would round away, so the inverse gives back the forward's states to far below float32's
 resolution, the recompute sees the same inputs as the forward, and reversible gradients equal plain
-autograd's. Each inverse step still divides the stream's own rounding by gamma; where that could add up to
-more than 2**rebuild_budget_bits since the last exact state, a column's states are kept for backward.
+autograd's. Where a rebuilt state still casts one ulp from the forward's cast (a value that close to a
+rounding boundary), a bit kept from the forward's cast turns it back (``_ForwardCast``). Each inverse step
+still divides the stream's own rounding by gamma; where that could add up to more than 2**rebuild_budget_bits
+since the last exact state, a column's states are kept for backward.
 """
 import math
 import warnings
@@ -154,7 +156,9 @@ class _Tape:
     column c's exact states, kept in the forward because rebuilding them could magnify rounding past the
     budget. ``probe``: a fixed sample of each of the first column's states. Backward measures what it rebuilt
     (``errors``) where the rebuild's error is largest, at the end of each stretch of rebuilt columns: against
-    the kept states, and in the first column against the probe. Memory stays flat in the number of columns.
+    the kept states, and in the first column against the probe. ``cast_bits[c, l]``: the last bit of each value
+    of the forward's cast of state (c, l) to the levels' dtype, for the columns backward rebuilds. Memory stays
+    flat in the number of columns but for those bits, 1/64 of a column's float64 states.
     """
 
     def __init__(self, owner: "ReversibleColumns", kept_columns: Set[int]):
@@ -164,15 +168,28 @@ class _Tape:
         self.kept: Dict[int, List[Optional[Tensor]]] = {}
         self.probe: List[Optional[Tensor]] = []
         self.errors: Dict[Tuple[int, int], Tensor] = {}
+        self.cast_bits: Dict[Tuple[int, int], Tensor] = {}
 
-    def record(self, c: int, states: List[Tensor]) -> None:
-        """In the forward: what backward will check column c's rebuild against, or restart from."""
+    def record(self, c: int, states: List[Tensor], dtype: torch.dtype) -> None:
+        """In the forward: what backward will check column c's rebuild against, or restart from; and for a
+        column it will rebuild, the last bit of each state's cast to the levels' compute ``dtype``."""
         if c in self.kept_columns:
             self.kept[c] = [s.detach() for s in states]
             note_kept_for_backward(self.kept[c])
-        elif c == 0:
+            return
+        if c == 0:
             self.probe = [_probe(s) for s in states]
             note_kept_for_backward(self.probe)
+        if dtype != STREAM_DTYPE:
+            for l, s in enumerate(states):
+                self.cast_bits[c, l] = _pack_bits(_last_bit(s.to(dtype)))
+                note_kept_for_backward([self.cast_bits[c, l]])
+
+    def forward_cast(self, c: int, l: int, state: Tensor, dtype: torch.dtype) -> Tensor:
+        """The rebuilt state (c, l), requiring grad, as the forward cast it to ``dtype`` (see :class:`_ForwardCast`);
+        the state itself where it is exact (kept, or the last column's)."""
+        bits = self.cast_bits.get((c, l))
+        return state if bits is None else _ForwardCast.apply(state, bits, dtype)
 
     def check(self, c: int, l: int, rebuilt: Tensor) -> Tensor:
         """Measure rebuilt state (c, l) where there is something to measure it against; return the exact state
@@ -185,6 +202,48 @@ class _Tape:
             probe, self.probe[l] = self.probe[l], None
             self.errors[c, l] = _relative_error(_probe(rebuilt), probe)
         return rebuilt
+
+
+_BITS_OF = {2: torch.int16, 4: torch.int32}  # an integer dtype to read a float's bits as, by element size
+
+
+def _last_bit(cast: Tensor) -> Tensor:
+    """The last mantissa bit of every element, flat, as uint8 0 or 1."""
+    return (cast.reshape(-1).view(_BITS_OF[cast.element_size()]) & 1).to(torch.uint8)
+
+
+def _pack_bits(bits: Tensor) -> Tensor:
+    """0/1 uint8 values, 8 to a byte."""
+    rows = torch.nn.functional.pad(bits, (0, -bits.numel() % 8)).view(-1, 8)
+    return (rows << torch.arange(8, dtype=torch.uint8, device=bits.device)).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: Tensor, numel: int) -> Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed[:, None] >> shifts) & 1).reshape(-1)[:numel]
+
+
+class _ForwardCast(torch.autograd.Function):
+    """A rebuilt float64 state cast to the levels' dtype as the forward cast the exact one.
+
+    The rebuilt state is off the forward's by float64 rounding (about 1e-16 relative, times the rebuild's
+    growth), so its cast is the forward's or, where the value sits that close to a rounding boundary, the
+    neighbouring value one ulp away. The last mantissa bit of the forward's cast tells the two apart; where it
+    differs, the forward's cast is the neighbour on the rebuilt value's side (rounding is monotonic). The
+    recompute then sees the forward's inputs to the bit. The gradient is the cast's: passed back in float64.
+    """
+
+    @staticmethod
+    def forward(ctx, state: Tensor, packed_bits: Tensor, dtype: torch.dtype) -> Tensor:
+        cast = state.to(dtype)
+        off = (_last_bit(cast) != _unpack_bits(packed_bits, cast.numel())).view(cast.shape)
+        toward = torch.where(state > cast.to(state.dtype), torch.inf, -torch.inf).to(dtype)
+        ctx.state_dtype = state.dtype
+        return torch.where(off, torch.nextafter(cast, toward), cast)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.to(ctx.state_dtype), None, None
 
 
 def _relative_error(rebuilt: Tensor, exact: Tensor) -> Tensor:
@@ -312,7 +371,7 @@ class _ReversibleColumn(torch.autograd.Function):
             ctx.outputs = [(s.detach(), s._version) for s in states]
             note_kept_for_backward(states)  # count_saved_bytes counts them as it would saved tensors
         else:
-            tape.record(c, states)
+            tape.record(c, states, x0.dtype)
         ctx.set_materialize_grads(False)  # a level nothing differentiates gets None, not a state-sized zero
         return tuple(states)
 
@@ -356,10 +415,12 @@ class _ReversibleColumn(torch.autograd.Function):
                     low, high = column.inputs(l, x0, states, prev)
                     low = low.detach().requires_grad_()
                     high = None if high is None else high.detach().requires_grad_()
+                    low_cast = low if l == 0 else tape.forward_cast(c, l - 1, low, x0.dtype)
+                    high_cast = None if high is None else tape.forward_cast(c - 1, l + 1, high, x0.dtype)
                     # Autocast covers the recompute only: the gradients are taken outside it, as autograd takes
                     # them in plain mode, so that no backward formula is cast to another precision.
                     with ctx.autocast, ctx.rng[l].replayed() if l in ctx.rng else nullcontext():
-                        y = column.f(l, low, high, context, x0.dtype)
+                        y = column.f(l, low_cast, high_cast, context, x0.dtype)
                 grad = grads[l]
                 if prev is not None:
                     # The shortcut x_l = y + gamma * x_l^prev is inverted and differentiated by hand: autograd

@@ -243,23 +243,34 @@ def test_saved_memory_is_flat_in_columns_when_reversible_and_linear_when_plain(m
         with count_saved_bytes() as counter:
             states = model(x)
         # The stem output, the last column's states in float64 (and those of each column kept for the rebuild),
-        # a probe of PROBE_SIZE float64 values (or the whole state) of each of the first column's states, and
-        # with keep_top_graph the graph of the top level.
+        # a probe of PROBE_SIZE float64 values (or the whole state) of each of the first column's states, for
+        # each rebuilt column one bit per element of its states (their casts' last bits), and with
+        # keep_top_graph the graph of the top level.
         state64 = [s.double() for s in states]
         probe = [s.flatten()[:revcol.columns.PROBE_SIZE].clone() for s in state64]
         kept_columns = [[s.clone() for s in state64] for _ in (model._kept_columns() if rev else ())]
+        rebuilt_columns = n - 1 - len(kept_columns) if rev else 0
+        bits = [torch.zeros(-(-s.numel() // 8), dtype=torch.uint8) for _ in range(rebuilt_columns) for s in states]
         with count_saved_bytes() as expected:
             note_kept_for_backward([x, *state64, *probe, *sum(kept_columns, [])])
             if keep_top_graph:
                 model.columns[-1].levels[-1](states[-2].detach().requires_grad_(), None)
-        return counter.bytes, expected.bytes, len(model._kept_columns())
+        with count_saved_bytes() as bits_bytes:
+            note_kept_for_backward(bits)
+        float64_bytes = sum(s.numel() for s in states) * 8
+        return counter.bytes - bits_bytes.bytes, expected.bytes, len(model._kept_columns()), bits_bytes.bytes, \
+            float64_bytes
 
     rev = [saved(n, True) for n in (2, 4, 8, 16)]
-    assert all(kept == expected for kept, expected, _ in rev), rev
+    assert all(kept == expected for kept, expected, *_ in rev), rev
     # gamma 0.5 doubles the rebuild's error per column: 15 columns to rebuild pass the 12 bits of the budget.
-    assert [n_kept for _, _, n_kept in rev] == [0, 0, 0, 1]
+    assert [n_kept for _, _, n_kept, _, _ in rev] == [0, 0, 0, 1]
     assert rev[0][0] == rev[1][0] == rev[2][0], rev
-    rev = [kept for kept, _, _ in rev]
+    # All that grows with the columns: per rebuilt column, 1/64 of its float64 states (up to a byte per state).
+    num_levels, float64_bytes = len(WIDTHS), rev[0][4]
+    for (_, _, _, bits, _), rebuilt in zip(rev, (1, 3, 7, 14)):
+        assert float64_bytes / 64 <= bits / rebuilt < float64_bytes / 64 + num_levels, rev
+    rev = [kept + bits for kept, _, _, bits, _ in rev]
     plain = [saved(n, False)[0] for n in (2, 4, 8, 16)]
     step = plain[1] - plain[0]  # two more columns
     assert step > 0
@@ -299,9 +310,10 @@ def test_reversible_forward_under_autocast_keeps_no_weight_copies():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             states = model(x)
             live = peak.current
-    # The outputs, the float64 states they were cast from (kept for backward), and the first column's probe.
+    # The outputs, the float64 states they were cast from (kept for backward), the first column's probe, and a
+    # bit per element of the two rebuilt columns' states.
     outputs = sum(s.untyped_storage().nbytes() for s in states)
-    assert live == outputs + 2 * outputs + 2 * outputs, (live, outputs)
+    assert live == outputs + 2 * outputs + 2 * outputs + 2 * outputs // 32, (live, outputs)
 
 
 def test_backward_peak_memory_is_flat_in_columns_when_reversible():
@@ -315,10 +327,11 @@ def test_backward_peak_memory_is_flat_in_columns_when_reversible():
             model(x)[-1].sum().backward()
         return peak.peak
 
-    # From 4 columns on, each backward has the same work; up to 12, no column is kept for the rebuild.
+    # From 4 columns on, each backward has the same work; up to 12, no column is kept for the rebuild. Each
+    # rebuilt column adds only a bit per element of its states, 4 states of 2 x 40 x 32.
     rev = [step_peak(n, True) for n in (4, 8, 12)]
     plain = [step_peak(n, False) for n in (3, 6, 12)]
-    assert rev[0] == rev[1] == rev[2], rev
+    assert rev[1] - rev[0] == rev[2] - rev[1] == 4 * 4 * 2 * 40 * 32 // 8, rev
     assert plain[2] > 3.5 * plain[0], plain
     assert rev[2] < plain[0], (rev, plain)
 

@@ -341,16 +341,16 @@ def test_fine_tuning_at_another_resolution_on_other_classes(trained, small_digit
                   str(source_dir / "checkpoint.pth"))
 
 
-def expected_layer(name: str, levels: int) -> int:
-    """The layer-decay depth of a parameter of the toy model (one block per level): the stem is 0, then each
-    level's fusion and its block (with the level's gamma), column by column, then norm and head last."""
+def expected_layer(name: str, levels: int, columns: int = 2) -> int:
+    """The layer-decay depth of a parameter of the toy model (one block per level): the stem is 0, the block of level
+    l in column c (with the level's fusion and gamma) sits l + c + 1 deep, its shortest path from the stem through
+    the column grid; norm and head last."""
     if name.startswith(("patch_embed", "pos_embed")):
         return 0
     if name.startswith(("norm", "head")):
-        return 2 * 2 * levels + 1
-    column, kind, level = re.match(r"revcol\.columns\.(\d+)\.(levels|gammas)\.(\d+)", name).groups()
-    first = 1 + 2 * (int(column) * levels + int(level))
-    return first if kind == "levels" and ".fusion." in name else first + 1
+        return levels + columns
+    column, level = re.match(r"revcol\.columns\.(\d+)\.(?:levels|gammas)\.(\d+)", name).groups()
+    return int(level) + int(column) + 1
 
 
 def test_layer_decay_and_model_options(small_digits, tmp_path):

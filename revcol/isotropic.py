@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .columns import GAMMA_INIT, ReversibleColumns, takes_high
+from .columns import GAMMA_INIT, ReversibleColumns, check_gamma_init, takes_high
 
 LOGIT_SCALE_MAX = math.log(100.0)  # Swin V2 clamps the learnable attention temperature at 100
 
@@ -189,10 +189,16 @@ def isotropic_columns(dim: int, depths: Sequence[int], num_columns: int, num_hea
     does). FFN output projections are scaled down by depth at init (BEiT): fc2 of block i (1-based, counted
     through the column) by 1/sqrt(2 i).
     """
+    if dim < 1:
+        raise ValueError(f"dim must be at least 1, got {dim}")
+    if int(dim * mlp_ratio) < 1:
+        raise ValueError(f"mlp_ratio {mlp_ratio} at dim {dim} leaves the MLP no hidden unit (int(dim * mlp_ratio) "
+                         f"must be at least 1)")
     if num_columns < 1:
         raise ValueError(f"need at least 1 column, got {num_columns}")
     if len(depths) < 2 or any(d < 1 for d in depths):
         raise ValueError(f"depths must list at least 2 levels of at least 1 block each, got {tuple(depths)}")
+    check_gamma_init(gamma_init, num_columns)
     rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # also under a meta device
     starts = [sum(depths[:l]) for l in range(len(depths))]
     columns: List[List[IsotropicLevel]] = []

@@ -19,7 +19,7 @@ from fairseq.models.transformer import TransformerEncoder
 from fairseq.sequence_generator import SequenceGenerator
 from helpers import rel_error, write_reversal_corpus
 
-from revcol import count_saved_bytes
+from revcol import check_gamma_init, count_saved_bytes
 from revcol_fairseq import RevColTransformerModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -301,9 +301,10 @@ def test_paper_configuration_matches_the_papers_parameter_count():
     (["--revcol-blocks", "3"], "argument --revcol-blocks: --revcol-blocks needs at least 2 levels"),
     (["--revcol-blocks", "1,0"], "argument --revcol-blocks: --revcol-blocks needs at least 2 levels"),
     (["--revcol-columns", "0"], "argument --revcol-columns: must be an integer >= 1, got '0'"),
-    (["--revcol-gamma-init", "0"], "argument --revcol-gamma-init: |gamma| must be finite and at least 0.001"),
-    (["--revcol-gamma-init", "nan"], "argument --revcol-gamma-init: |gamma| must be finite and at least 0.001"),
-    (["--revcol-gamma-init", "inf"], "argument --revcol-gamma-init: |gamma| must be finite and at least 0.001"),
+    (["--revcol-gamma-init", "0"], "argument --revcol-gamma-init: gamma_init 0.0 is out of range: it must be "
+                                   "finite, with |gamma_init| >= 0.001 (the inverse divides by gamma"),
+    (["--revcol-gamma-init", "nan"], "argument --revcol-gamma-init: gamma_init nan is out of range"),
+    (["--revcol-gamma-init", "inf"], "argument --revcol-gamma-init: gamma_init inf is out of range"),
     (["--revcol-drop-path", "1.5"], "argument --revcol-drop-path: must be in [0, 1), got 1.5"),
     (["--revcol-drop-path", "1"], "argument --revcol-drop-path: must be in [0, 1), got 1"),
     (["--revcol-colums", "3"], "unrecognized arguments: --revcol-colums 3"),
@@ -328,9 +329,31 @@ def test_dims_that_do_not_fit_the_heads_are_refused(flags, message):
         build(*flags, "--no-share-all-embeddings")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--encoder-embed-dim", "0", "--decoder-embed-dim", "0"], "^--encoder-embed-dim must be at least 1, got 0$"),
+    (["--decoder-embed-dim", "0"], "^--decoder-embed-dim must be at least 1, got 0$"),
+    (["--encoder-ffn-embed-dim", "0"], "^--encoder-ffn-embed-dim must be at least 1, got 0$"),
+    (["--decoder-ffn-embed-dim", "0"], "^--decoder-ffn-embed-dim must be at least 1, got 0$"),
+])
+def test_zero_widths_are_refused_naming_the_flag(flags, message):
+    with pytest.raises(ValueError, match=message):
+        build(*flags, "--no-share-all-embeddings")
+
+
+@pytest.mark.parametrize("gamma_init, columns", [(1e6, 4), (-30.0, 8), (5e9, 2)])
+def test_gamma_init_that_would_overflow_float32_is_the_cores_one_line_error(gamma_init, columns):
+    with pytest.raises(ValueError) as core:
+        check_gamma_init(gamma_init, columns)
+    with pytest.raises(ValueError) as plugin:
+        build("--revcol-gamma-init", str(gamma_init), "--revcol-columns", str(columns))
+    assert str(plugin.value) == str(core.value)
+    assert f"gamma_init {gamma_init!r} is out of range" in str(core.value) and "\n" not in str(core.value)
+
+
 @pytest.mark.parametrize("name, value, message", [
     ("revcol_blocks", "1", "--revcol-blocks needs at least 2 levels"),
     ("revcol_columns", 0, "--revcol-columns must be at least 1, got 0"),
+    ("revcol_gamma_init", float("nan"), "gamma_init nan is out of range"),
 ])
 def test_namespaces_built_without_the_parser_are_checked_too(name, value, message):
     args = model_args("revcol_transformer_tiny")

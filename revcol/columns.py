@@ -470,8 +470,9 @@ class ReversibleColumns(nn.Module):
         """The worst rebuilt state of the last reversible backward, relative to the forward's (max norm over a
         fixed sample of each state); None before the first such backward with two columns or more.
 
-        Reading it warns once if the error is above 1e-4: the reversible gradients are then no longer those of
-        plain autograd (non-deterministic level kernels, say, or gammas too small for the budget).
+        Reading it warns once if the error is above 1e-4 or not finite (a NaN error is the worst): the reversible
+        gradients are then no longer those of plain autograd (non-deterministic level kernels, say, or gammas too small
+        for the budget).
         """
         if not self._errors:
             return None
@@ -479,7 +480,7 @@ class ReversibleColumns(nn.Module):
         errors = torch.stack([self._errors[k] for k in keys]).float().cpu()
         worst = int(errors.argmax())
         result = ReconstructionError(float(errors[worst]), *keys[worst])
-        if result.error > RECONSTRUCTION_WARN and not self._warned:
+        if not result.error <= RECONSTRUCTION_WARN and not self._warned:  # a NaN error warns too
             self._warned = True
             warnings.warn(
                 f"reversible columns: the rebuilt state of column {result.column}, level {result.level} is "

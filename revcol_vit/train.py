@@ -294,7 +294,7 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
         # Reading it warns once if reversible gradients drift from plain autograd's (revcol.ReversibleColumns).
         rebuild = columns.reconstruction_error if columns is not None and columns.reversible else None
         if rebuild is not None:
-            worst_rebuild = max(worst_rebuild or 0.0, rebuild.error)
+            worst_rebuild = max(worst_rebuild or 0.0, rebuild.error, key=lambda e: (math.isnan(e), e))  # NaN: worst
         if writer is not None:
             writer.add_scalar("train/loss", step_loss, t.num_updates)
             writer.add_scalar("train/lr", t.lr, t.num_updates)

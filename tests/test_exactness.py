@@ -1,5 +1,6 @@
 """Reversible gradients equal plain autograd's to the bit (the float64 stream and the kept columns), and the
 live gauge of reconstruction error."""
+import math
 import warnings
 from contextlib import contextmanager
 
@@ -170,6 +171,28 @@ def test_an_ill_conditioned_model_warns_once_naming_column_and_level_and_the_fix
     healthy(torch.randn(4, 8))[-1].sum().backward()
     with no_warning():
         assert healthy.reconstruction_error.error == 0.0
+
+
+class BreaksInRecompute(nn.Module):
+    """Doubles its lower input; the recompute (which runs with grad) adds ``offset``, so that the rebuild is off."""
+
+    def __init__(self, offset):
+        super().__init__()
+        self.offset = offset
+        self.weight = nn.Parameter(torch.ones(()))
+
+    def forward(self, low, high):
+        y = 2 * self.weight * low
+        return y + self.offset if torch.is_grad_enabled() else y
+
+
+@pytest.mark.parametrize("offset, error", [(math.nan, "nan"), (math.inf, "inf")])
+def test_a_non_finite_rebuild_error_warns_and_is_reported_as_it_is(offset, error):
+    model = ReversibleColumns([[BreaksInRecompute(offset) for _ in range(2)] for _ in range(2)], [(4,)] * 2)
+    model(torch.randn(3, 4))[-1].sum().backward()
+    with pytest.warns(UserWarning, match=rf"column 0, level \d is {error} off the forward's"):
+        got = model.reconstruction_error
+    assert str(got.error) == error
 
 
 def test_reconstruction_hooks_run_after_each_backward_until_removed():

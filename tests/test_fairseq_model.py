@@ -19,8 +19,9 @@ from fairseq.models.transformer import TransformerEncoder
 from fairseq.sequence_generator import SequenceGenerator
 from helpers import rel_error, write_reversal_corpus
 
-from revcol import check_gamma_init, count_saved_bytes
+from revcol import ReconstructionError, check_gamma_init, count_saved_bytes
 from revcol_fairseq import RevColTransformerModel
+from revcol_fairseq.model import log_reconstruction_error
 
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = str(REPO / "revcol_fairseq")
@@ -159,6 +160,14 @@ def test_each_reversible_backward_logs_the_reconstruction_error_as_a_fairseq_met
 
 
 @pytest.mark.slow
+def test_a_nan_reconstruction_error_is_logged_as_nan():
+    columns = types.SimpleNamespace(reconstruction_error=ReconstructionError(math.nan, 0, 1))
+    with metrics.aggregate() as agg:
+        log_reconstruction_error(columns)
+        log_reconstruction_error(types.SimpleNamespace(reconstruction_error=ReconstructionError(1e-9, 0, 0)))
+    assert math.isnan(agg.get_smoothed_values()["reconstruction_error"])
+
+
 def test_compiled_encoder_levels_give_the_plain_gradients():
     # --revcol-compile with dropout, drop path and padding: compiled levels must replay the same masks.
     flags = ("--revcol-columns", "3", "--revcol-drop-path", "0.2", "--dropout", "0.2", "--revcol-gamma-init", "1")

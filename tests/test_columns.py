@@ -165,6 +165,20 @@ def test_a_reversible_step_leaves_the_generator_where_plain_autograd_does(keep_t
     assert torch.equal(*after)
 
 
+@pytest.mark.parametrize("rebuild_budget_bits", [12, 0])  # none kept; every column kept
+@pytest.mark.parametrize("shape", [(0, 6, 16), (2, 0, 16)], ids=["empty batch", "empty sequence"])
+def test_an_empty_batch_or_sequence_gives_the_plain_outputs_and_gradients(shape, rebuild_budget_bits):
+    torch.manual_seed(0)
+    model = isotropic_columns(16, [1, 1, 1], 3, 4, keep_top_graph=True)
+    model.rebuild_budget_bits = rebuild_budget_bits
+    mask = torch.zeros(shape[:2], dtype=torch.bool)
+    out_r, gx_r, gp_r = grads_of(model, torch.randn(shape), True, key_padding_mask=mask)
+    out_p, gx_p, gp_p = grads_of(model, torch.randn(shape), False, key_padding_mask=mask)
+    assert all(torch.equal(a, b) for a, b in zip(out_r, out_p)) and torch.equal(gx_r, gx_p)
+    assert set(gp_r) == set(gp_p) and all(torch.equal(gp_r[n], gp_p[n]) for n in gp_p)
+    assert model.reconstruction_error.error == 0.0
+
+
 def test_negative_and_tiny_gammas_are_clamped_keeping_sign():
     g = torch.tensor([2.0, -0.5, 1e-5, -1e-5, 0.0])
     assert torch.equal(clamp_gamma(g), torch.tensor([2.0, -0.5, 1e-3, -1e-3, 1e-3]))

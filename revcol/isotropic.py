@@ -159,6 +159,20 @@ class LevelFusion(nn.Module):
         return x if high is None else x + self.high(high)
 
 
+def check_tokens(x: Tensor, dim: int, key_padding_mask: Optional[Tensor]) -> None:
+    """A one-line error naming the expected shape or dtype, instead of one from deep inside attention."""
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"isotropic columns take tokens shaped (B, T, {dim}), got shape {tuple(x.shape)}")
+    if key_padding_mask is None:
+        return
+    if key_padding_mask.dtype != torch.bool:
+        raise ValueError(f"key_padding_mask must be a bool tensor (True at padded positions), got "
+                         f"{key_padding_mask.dtype}")
+    if key_padding_mask.shape != x.shape[:2]:
+        raise ValueError(f"key_padding_mask must be shaped (B, T) = {tuple(x.shape[:2])} like the tokens, got "
+                         f"{tuple(key_padding_mask.shape)}")
+
+
 class IsotropicLevel(nn.Module):
     """F_l: fusion, then ``depth`` post-LN blocks. Called as ``level(low, high, key_padding_mask=None)``."""
 
@@ -167,12 +181,14 @@ class IsotropicLevel(nn.Module):
                  activation_dropout: float = 0.0):
         super().__init__()
         drop_path_rates = list(drop_path_rates) or [0.0] * depth
+        self.dim = dim
         self.fusion = LevelFusion(dim, takes_high)
         self.blocks = nn.ModuleList(
             PostNormBlock(dim, num_heads, mlp_ratio, drop_path_rates[i], dropout, attn_dropout, activation_dropout)
             for i in range(depth))
 
     def forward(self, low: Tensor, high: Optional[Tensor], key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        check_tokens(low, self.dim, key_padding_mask)
         x = self.fusion(low, high)
         for block in self.blocks:
             x = block(x, key_padding_mask)

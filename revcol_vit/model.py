@@ -150,6 +150,8 @@ class RevColViT(nn.Module):
 
     def embed(self, x: Tensor) -> Tensor:
         """Images (B, in_chans, H, W) to position-embedded patch tokens (B, T, C)."""
+        if x.dim() != 4:
+            raise ValueError(f"input must be a batch of images shaped (B, in_chans, H, W), got shape {tuple(x.shape)}")
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"input is {x.shape[-2]}x{x.shape[-1]} but the model was built for img_size "
                              f"{self.img_size[0]}x{self.img_size[1]} (its position embedding is fixed)")

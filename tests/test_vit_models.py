@@ -418,3 +418,6 @@ def test_bad_kwargs_raise_one_clear_error(kwargs, message):
 def test_wrong_input_size_is_a_clear_error():
     with pytest.raises(ValueError, match="input is 64x64 but the model was built for img_size 32x32"):
         tiny()(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"^input must be a batch of images shaped \(B, in_chans, H, W\), got shape "
+                                         r"\(3, 32, 32\)$"):
+        tiny()(torch.randn(3, 32, 32))

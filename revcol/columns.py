@@ -41,6 +41,9 @@ except ImportError:  # a build of torch without torch.distributed
 
 GAMMA_MIN = 1e-3
 GAMMA_INIT = 0.5  # the official code's starting gamma
+# Each column multiplies the stream by gamma: at most 2**32 over all columns keeps the float32 copies the levels
+# compute on (and the squares their LayerNorms take) far from float32's 3.4e38.
+GAMMA_GROWTH_MAX_BITS = 32
 STREAM_DTYPE = torch.float64
 REBUILD_BUDGET_BITS = 12
 # The kept columns are decided from a copy of the gammas that reaches the host without waiting: on a GPU, the one
@@ -60,6 +63,18 @@ NO_DOUBLE_BACKWARD = ("reversible columns: double backward (create_graph=True) i
 def clamp_gamma(gamma: Tensor) -> Tensor:
     """Keep gamma's sign and |gamma| >= 1e-3: a tiny gamma makes the inverse numerically useless (Sec. 2.2.2)."""
     return torch.copysign(gamma.abs().clamp_min(GAMMA_MIN), gamma)
+
+
+def check_gamma_init(value: float, num_columns: int) -> None:
+    """Raise a one-line ValueError unless ``value`` is a usable gamma_init for ``num_columns`` columns: finite,
+    |value| >= GAMMA_MIN (the inverse divides by it) and |value|^(num_columns - 1) <= 2**GAMMA_GROWTH_MAX_BITS.
+    Either sign works: the inverse needs |gamma| only."""
+    upper = 2.0 ** (GAMMA_GROWTH_MAX_BITS / (num_columns - 1)) if num_columns > 1 else math.inf
+    if not (math.isfinite(value) and GAMMA_MIN <= abs(value) <= upper):
+        bounds = f"{GAMMA_MIN:g} <= |gamma_init| <= {upper:.4g} at {num_columns} columns" if num_columns > 1 \
+            else f"|gamma_init| >= {GAMMA_MIN:g}"
+        raise ValueError(f"gamma_init {value!r} is out of range: it must be finite, with {bounds} (the inverse "
+                         f"divides by gamma; each column multiplies the float32 stream by it)")
 
 
 def takes_high(column: int, level: int, num_levels: int) -> bool:
@@ -248,6 +263,8 @@ class _ForwardCast(torch.autograd.Function):
 
 def _relative_error(rebuilt: Tensor, exact: Tensor) -> Tensor:
     """max |rebuilt - exact| / max |exact|, on the device: reading it is left to whoever wants the number."""
+    if exact.numel() == 0:  # an empty batch or sequence: nothing was rebuilt, nothing can be off
+        return exact.new_zeros(())
     return (rebuilt - exact).abs().max() / exact.abs().max().clamp_min(torch.finfo(exact.dtype).tiny)
 
 
@@ -504,7 +521,7 @@ class ReversibleColumns(nn.Module):
         columns: ``columns[c][l]`` is the level function F_l of column c (see :class:`Column`).
         gamma_shapes: per level, the shape of its channel-wise gamma, broadcastable against the state
             (``(C,)`` for channels-last tokens, ``(C, 1, 1)`` for NCHW feature maps).
-        gamma_init: the constant gamma starts at.
+        gamma_init: the constant gamma starts at, of either sign (see :func:`check_gamma_init`).
         reversible: rebuild activations in backward (memory flat in N) instead of storing them
             (plain autograd). Switching never changes the forward output, nor the gradients.
         keep_top_graph: in reversible mode, run the last column's top level with autograd in the forward and
@@ -540,8 +557,7 @@ class ReversibleColumns(nn.Module):
                 raise ValueError(f"column {c} has {len(levels)} levels, column 0 has {num_levels}")
         if len(gamma_shapes) != num_levels:
             raise ValueError(f"got {len(gamma_shapes)} gamma shapes for {num_levels} levels")
-        if abs(gamma_init) < GAMMA_MIN:
-            raise ValueError(f"gamma_init {gamma_init} is below the clamp |gamma| >= {GAMMA_MIN}")
+        check_gamma_init(gamma_init, len(columns))
         if rebuild_budget_bits < 0:
             raise ValueError(f"rebuild_budget_bits must be >= 0, got {rebuild_budget_bits}")
         self.num_levels = num_levels
@@ -599,7 +615,7 @@ class ReversibleColumns(nn.Module):
         return worst
 
     def _warn_if_drifting(self, error: float, where: str) -> None:
-        if error > RECONSTRUCTION_WARN and not self._warned:
+        if not error <= RECONSTRUCTION_WARN and not self._warned:  # a NaN error warns too
             self._warned = True
             warnings.warn(
                 f"reversible columns: {where} is {error:.1e} off the forward's (relative), above "
@@ -612,8 +628,9 @@ class ReversibleColumns(nn.Module):
         """The worst rebuilt state of the last reversible backward, relative to the forward's (max norm over a
         fixed sample of each state); None before the first such backward with two columns or more.
 
-        Reading it warns once if the error is above 1e-4: the reversible gradients are then no longer those of
-        plain autograd (non-deterministic level kernels, say, or gammas too small for the budget).
+        Reading it warns once if the error is above 1e-4 or not finite (a NaN error is the worst): the reversible
+        gradients are then no longer those of plain autograd (non-deterministic level kernels, say, or gammas too small
+        for the budget).
         """
         if not self._errors:
             return None

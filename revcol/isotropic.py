@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .columns import GAMMA_INIT, ReversibleColumns, takes_high
+from .columns import GAMMA_INIT, ReversibleColumns, check_gamma_init, takes_high
 
 LOGIT_SCALE_MAX = math.log(100.0)  # Swin V2 clamps the learnable attention temperature at 100
 
@@ -159,6 +159,20 @@ class LevelFusion(nn.Module):
         return x if high is None else x + self.high(high)
 
 
+def check_tokens(x: Tensor, dim: int, key_padding_mask: Optional[Tensor]) -> None:
+    """A one-line error naming the expected shape or dtype, instead of one from deep inside attention."""
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"isotropic columns take tokens shaped (B, T, {dim}), got shape {tuple(x.shape)}")
+    if key_padding_mask is None:
+        return
+    if key_padding_mask.dtype != torch.bool:
+        raise ValueError(f"key_padding_mask must be a bool tensor (True at padded positions), got "
+                         f"{key_padding_mask.dtype}")
+    if key_padding_mask.shape != x.shape[:2]:
+        raise ValueError(f"key_padding_mask must be shaped (B, T) = {tuple(x.shape[:2])} like the tokens, got "
+                         f"{tuple(key_padding_mask.shape)}")
+
+
 class IsotropicLevel(nn.Module):
     """F_l: fusion, then ``depth`` post-LN blocks. Called as ``level(low, high, key_padding_mask=None)``."""
 
@@ -167,12 +181,14 @@ class IsotropicLevel(nn.Module):
                  activation_dropout: float = 0.0):
         super().__init__()
         drop_path_rates = list(drop_path_rates) or [0.0] * depth
+        self.dim = dim
         self.fusion = LevelFusion(dim, takes_high)
         self.blocks = nn.ModuleList(
             PostNormBlock(dim, num_heads, mlp_ratio, drop_path_rates[i], dropout, attn_dropout, activation_dropout)
             for i in range(depth))
 
     def forward(self, low: Tensor, high: Optional[Tensor], key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        check_tokens(low, self.dim, key_padding_mask)
         x = self.fusion(low, high)
         for block in self.blocks:
             x = block(x, key_padding_mask)
@@ -189,10 +205,16 @@ def isotropic_columns(dim: int, depths: Sequence[int], num_columns: int, num_hea
     does). FFN output projections are scaled down by depth at init (BEiT): fc2 of block i (1-based, counted
     through the column) by 1/sqrt(2 i).
     """
+    if dim < 1:
+        raise ValueError(f"dim must be at least 1, got {dim}")
+    if int(dim * mlp_ratio) < 1:
+        raise ValueError(f"mlp_ratio {mlp_ratio} at dim {dim} leaves the MLP no hidden unit (int(dim * mlp_ratio) "
+                         f"must be at least 1)")
     if num_columns < 1:
         raise ValueError(f"need at least 1 column, got {num_columns}")
     if len(depths) < 2 or any(d < 1 for d in depths):
         raise ValueError(f"depths must list at least 2 levels of at least 1 block each, got {tuple(depths)}")
+    check_gamma_init(gamma_init, num_columns)
     rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # also under a meta device
     starts = [sum(depths[:l]) for l in range(len(depths))]
     columns: List[List[IsotropicLevel]] = []

@@ -5,14 +5,13 @@ fairseq's argparse route (``add_args`` + architecture functions), which is the r
 ``--encoder-*`` flags for plugin models.
 """
 import argparse
-import math
 from typing import List
 
 from fairseq import metrics
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerModel, base_architecture
 
-from revcol import GAMMA_INIT, GAMMA_MIN
+from revcol import GAMMA_INIT, check_gamma_init
 
 from .encoder import RevColEncoder
 
@@ -48,10 +47,12 @@ def _positive_int(text: str) -> int:
 
 
 def _gamma(text: str) -> float:
+    """argparse type: what :func:`check_gamma_init` can tell before the number of columns is known."""
     value = float(text)
-    if not math.isfinite(value) or abs(value) < GAMMA_MIN:
-        raise argparse.ArgumentTypeError(f"|gamma| must be finite and at least {GAMMA_MIN} for the inverse to work, "
-                                         f"got {text}")
+    try:
+        check_gamma_init(value, num_columns=1)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 
@@ -72,8 +73,12 @@ def check_args(args) -> None:
                          "pytorch_ddp (the default) or c10d")
     if args.revcol_columns < 1:
         raise ValueError(f"--revcol-columns must be at least 1, got {args.revcol_columns}")
+    check_gamma_init(args.revcol_gamma_init, args.revcol_columns)
     for side in ("encoder", "decoder"):
         dim, heads = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_attention_heads")
+        for flag, value in (("embed-dim", dim), ("ffn-embed-dim", getattr(args, f"{side}_ffn_embed_dim"))):
+            if value < 1:
+                raise ValueError(f"--{side}-{flag} must be at least 1, got {value}")
         if heads < 1:
             raise ValueError(f"--{side}-attention-heads must be at least 1, got {heads}")
         if dim % heads != 0:

@@ -7,8 +7,6 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import yaml
 
-from revcol import GAMMA_MIN
-
 
 class UsageError(ValueError):
     """Bad input the user can fix: the CLIs print it as one line and exit."""
@@ -255,7 +253,7 @@ TRAIN_OPTIONS: Dict[Optional[str], Dict[str, Option]] = {
         patch_size=SIZE,
         columns=SIZE,
         depths=Option(int, count="+", at_least=1, optional=True, help="blocks per level of a column"),
-        gamma_init=Option(float, at_least=GAMMA_MIN, optional=True,
+        gamma_init=Option(float, optional=True,  # range: revcol.check_gamma_init, at the model's columns
                           help="initial gamma of the reversible connections (default: the model's, 0.5)"),
         mlp_ratio=Option(float, above=0, optional=True, help="MLP hidden width over the embedding width"),
         drop=Option(float, at_least=0, below=1, optional=True, help="dropout rate before the head"),

@@ -8,7 +8,8 @@ tokens, normalized and classified.
 Variants (``VARIANTS``): ``revcol_vit_s`` and ``revcol_vit_b`` of Table 9, and the Appendix B.3 family at
 ViT-B width with 32 blocks in all, ``revcol_vit_b_{columns}x{blocks per column}``.
 """
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+import re
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -101,19 +102,31 @@ class RevColViT(nn.Module):
                 if name == "pos_embed" or ".gammas." in name or name.endswith(".logit_scale")}
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        """Parameter groups in forward order: stem, then column by column (per block, or per column if coarse), head.
-
-        A level's fusion is its own group ahead of the level's blocks; a level's gamma joins its last block
-        (99999 is timm's "same group as the previous one").
-        """
+    def group_matcher(self, coarse: bool = False) -> Union[Dict, Callable[[str], int]]:
+        """Parameter groups for timm's layer-wise lr decay: by depth (see :meth:`layer_depth`), or, if coarse, the
+        stem, one group per column, then the head."""
         if coarse:
-            columns = r"^revcol\.columns\.(\d+)"
-        else:
-            columns = [(r"^revcol\.columns\.(\d+)\.levels\.(\d+)\.fusion", (-1,)),
-                       (r"^revcol\.columns\.(\d+)\.levels\.(\d+)\.blocks\.(\d+)", None),
-                       (r"^revcol\.columns\.(\d+)\.gammas\.(\d+)", (99999,))]
-        return dict(stem=r"^patch_embed|^pos_embed", columns=columns, head=r"^norm|^head")
+            return dict(stem=r"^patch_embed|^pos_embed", columns=r"^revcol\.columns\.(\d+)", head=r"^norm|^head")
+        return self.layer_depth
+
+    def layer_depth(self, name: str) -> int:
+        """The depth of parameter ``name``: its block's shortest path from the stem through the column grid, as the
+        official RevCol optimizer counts it. The stem is 0 and feeds the first block of column 0; the block at
+        position i of column j (counted through the column from 0) is one deeper than the shallower of the block
+        before it in its column and the same block of the previous column, min(depth(i-1, j), depth(i, j-1)) + 1,
+        which is i + j + 1. A level's fusion goes with its first block, its gamma with its last; the head is last.
+        """
+        if name.startswith(("patch_embed", "pos_embed")):
+            return 0
+        depths = [len(level.blocks) for level in self.revcol.columns[0].levels]
+        match = re.match(r"revcol\.columns\.(\d+)\.(?:levels\.(\d+)\.(?:fusion|blocks\.(\d+))|gammas\.(\d+))", name)
+        if match is None:
+            return sum(depths) + len(self.revcol.columns)
+        column, level, block, gamma_level = match.groups()
+        if gamma_level is not None:
+            level, block = int(gamma_level), depths[int(gamma_level)] - 1
+        position = sum(depths[:int(level)]) + int(block or 0)
+        return position + int(column) + 1
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -137,6 +150,8 @@ class RevColViT(nn.Module):
 
     def embed(self, x: Tensor) -> Tensor:
         """Images (B, in_chans, H, W) to position-embedded patch tokens (B, T, C)."""
+        if x.dim() != 4:
+            raise ValueError(f"input must be a batch of images shaped (B, in_chans, H, W), got shape {tuple(x.shape)}")
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"input is {x.shape[-2]}x{x.shape[-1]} but the model was built for img_size "
                              f"{self.img_size[0]}x{self.img_size[1]} (its position embedding is fixed)")

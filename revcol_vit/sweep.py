@@ -18,6 +18,7 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.flop_counter import FlopCounterMode
 
+from revcol import check_gamma_init
 from revcol.checkpoint import write_atomically
 from revcol.memory import PeakBytes
 
@@ -117,6 +118,11 @@ def sweep(args) -> List[Dict[str, Any]]:
         raise UsageError("the variants fix the columns and depths; drop --columns/--depths")
     if args.initial_checkpoint is not None:
         raise UsageError("the sweep trains every variant from scratch; drop --initial-checkpoint")
+    if args.gamma_init is not None:  # before any variant trains: the most columns bound it most
+        try:
+            check_gamma_init(args.gamma_init, max(VARIANTS[f"revcol_vit_b_{v}"]["num_columns"] for v in args.variants))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     d = setup_distributed(args.device)
     num_classes = len(open_splits(args.dataset, args.data, {"train": None, "val": None})[1])
     rows = []

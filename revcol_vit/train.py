@@ -27,6 +27,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from revcol import check_gamma_init
+
 from .config import IMAGENET_1K, TRAIN_OPTIONS, Parser, UsageError, check_options, load_yaml_recipe
 from .data import (
     DEFAULT_WORKERS,
@@ -37,6 +39,7 @@ from .data import (
     train_loader,
     train_transform,
 )
+from .model import VARIANTS
 from .runtime import (
     AMP_DTYPES,
     BEST_CHECKPOINT_NAME,
@@ -94,6 +97,11 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[Parser] = None
     args = check_options(parser.parse_args(argv), parser.schema)
     if args.data is None:
         raise UsageError("the data folder is missing: give --data (or data: in the --config file)")
+    if args.gamma_init is not None:  # the columns' own check, before the data scan
+        try:
+            check_gamma_init(args.gamma_init, args.columns or VARIANTS.get(args.model, {}).get("num_columns", 1))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     return args
 
 
@@ -259,7 +267,7 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
         nonlocal worst_rebuild
         rebuild = columns.worst_reconstruction_error() if columns is not None else None
         if rebuild is not None:
-            worst_rebuild = max(worst_rebuild or 0.0, rebuild)
+            worst_rebuild = max(worst_rebuild or 0.0, rebuild, key=lambda e: (math.isnan(e), e))  # NaN: worst
             if writer is not None:
                 writer.add_scalar("train/reconstruction_error", rebuild, t.num_updates)
 

@@ -1,5 +1,6 @@
 """The reversible column core: exact gradients, reconstruction, flat memory, RNG replay, autocast, errors."""
 import copy
+import math
 import re
 
 import pytest
@@ -8,7 +9,7 @@ from helpers import rel_error
 from torch import nn
 
 import revcol.columns
-from revcol import ReversibleColumns, clamp_gamma, isotropic_columns
+from revcol import ReversibleColumns, check_gamma_init, clamp_gamma, isotropic_columns
 from revcol.memory import PeakBytes, count_saved_bytes, note_kept_for_backward
 from revcol.testing import assert_reversible_matches_plain, weighted_sum
 
@@ -165,6 +166,20 @@ def test_a_reversible_step_leaves_the_generator_where_plain_autograd_does(keep_t
         grads_of(model, x, reversible, seed=1)
         after.append(torch.get_rng_state())
     assert torch.equal(*after)
+
+
+@pytest.mark.parametrize("rebuild_budget_bits", [12, 0])  # none kept; every column kept
+@pytest.mark.parametrize("shape", [(0, 6, 16), (2, 0, 16)], ids=["empty batch", "empty sequence"])
+def test_an_empty_batch_or_sequence_gives_the_plain_outputs_and_gradients(shape, rebuild_budget_bits):
+    torch.manual_seed(0)
+    model = isotropic_columns(16, [1, 1, 1], 3, 4, keep_top_graph=True)
+    model.rebuild_budget_bits = rebuild_budget_bits
+    mask = torch.zeros(shape[:2], dtype=torch.bool)
+    out_r, gx_r, gp_r = grads_of(model, torch.randn(shape), True, key_padding_mask=mask)
+    out_p, gx_p, gp_p = grads_of(model, torch.randn(shape), False, key_padding_mask=mask)
+    assert all(torch.equal(a, b) for a, b in zip(out_r, out_p)) and torch.equal(gx_r, gx_p)
+    assert set(gp_r) == set(gp_p) and all(torch.equal(gp_r[n], gp_p[n]) for n in gp_p)
+    assert model.reconstruction_error.error == 0.0
 
 
 def test_negative_and_tiny_gammas_are_clamped_keeping_sign():
@@ -488,8 +503,10 @@ def test_cpu_bf16_autocast_is_finite_and_costs_no_accuracy_beyond_bf16_itself():
     (lambda: ReversibleColumns([[nn.Identity()]], [(4,)]), "at least 2 levels"),
     (lambda: ReversibleColumns([[nn.Identity()] * 2, [nn.Identity()] * 3], [(4,)] * 2), "column 1 has 3 levels"),
     (lambda: ReversibleColumns([[nn.Identity()] * 2], [(4,)]), "1 gamma shapes for 2 levels"),
-    (lambda: ReversibleColumns([[nn.Identity()] * 2], [(4,)] * 2, gamma_init=0.0), "below the clamp"),
-    (lambda: ReversibleColumns([[nn.Identity()] * 2], [(4,)] * 2, gamma_init=-9e-4), "-0.0009 is below the clamp"),
+    (lambda: ReversibleColumns([[nn.Identity()] * 2], [(4,)] * 2, gamma_init=0.0), "gamma_init 0.0 is out of range"),
+    (lambda: ReversibleColumns([[nn.Identity()] * 2], [(4,)] * 2, gamma_init=-9e-4), "gamma_init -0.0009 is out of"),
+    (lambda: isotropic_columns(0, [1, 1], 2, 1), "^dim must be at least 1, got 0$"),
+    (lambda: isotropic_columns(4, [1, 1], 2, 1, mlp_ratio=0.2), r"^mlp_ratio 0.2 at dim 4 leaves the MLP no hidden"),
     (lambda: isotropic_columns(30, [1, 1], 2, 4), "not divisible by num_heads"),
     (lambda: isotropic_columns(32, [1], 2, 4), "at least 2 levels"),
     (lambda: isotropic_columns(32, [1, 1], 0, 4), "at least 1 column"),
@@ -497,6 +514,45 @@ def test_cpu_bf16_autocast_is_finite_and_costs_no_accuracy_beyond_bf16_itself():
 def test_impossible_configurations_raise_one_clear_error(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+GAMMA_MAX_4_COLUMNS = 2.0 ** (32 / 3)  # |gamma|^(columns - 1) <= 2^32
+
+
+@pytest.mark.parametrize("gamma_init, columns, bounds", [
+    (math.nan, 4, "0.001 <= |gamma_init| <= 1625 at 4 columns"),
+    (math.inf, 4, "0.001 <= |gamma_init| <= 1625 at 4 columns"),
+    (-math.inf, 1, "|gamma_init| >= 0.001"),
+    (0.0, 2, "0.001 <= |gamma_init| <= 4.295e+09 at 2 columns"),
+    (-9e-4, 4, "0.001 <= |gamma_init| <= 1625 at 4 columns"),
+    (1e6, 4, "0.001 <= |gamma_init| <= 1625 at 4 columns"),
+    (-1700.0, 4, "0.001 <= |gamma_init| <= 1625 at 4 columns"),
+    (25.0, 8, "0.001 <= |gamma_init| <= 23.78 at 8 columns"),
+])
+def test_gamma_init_out_of_range_is_the_same_one_line_error_from_both_builders(gamma_init, columns, bounds):
+    message = (f"gamma_init {gamma_init!r} is out of range: it must be finite, with {bounds} (the inverse divides by "
+               f"gamma; each column multiplies the float32 stream by it)")
+    with pytest.raises(ValueError) as from_check:
+        check_gamma_init(gamma_init, columns)
+    with pytest.raises(ValueError) as from_columns:
+        ReversibleColumns([[nn.Identity()] * 2] * columns, [(4,)] * 2, gamma_init=gamma_init)
+    with pytest.raises(ValueError) as from_isotropic:
+        isotropic_columns(8, [1, 1], columns, 2, gamma_init=gamma_init)
+    assert str(from_check.value) == str(from_columns.value) == str(from_isotropic.value) == message
+
+
+@pytest.mark.parametrize("gamma_init", [GAMMA_MAX_4_COLUMNS, -GAMMA_MAX_4_COLUMNS, -0.5, 1e-3])
+def test_gamma_init_in_range_of_either_sign_keeps_float32_finite(gamma_init):
+    """At the largest gamma allowed, the top states grow by 2^32 over the columns: outputs and gradients stay
+    finite in float32 (at 2^64 the LayerNorms' squares overflow)."""
+    check_gamma_init(gamma_init, 4)
+    torch.manual_seed(0)
+    model = isotropic_columns(32, [1, 1], 4, 2, gamma_init=gamma_init)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    top = model(x)[-1]
+    nn.functional.layer_norm(top, (32,)).square().sum().backward()
+    assert torch.isfinite(top).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 class Slice(nn.Module):

@@ -1,10 +1,12 @@
 """Reversible gradients equal plain autograd's to the bit (the float64 stream and the kept columns), and the
 live gauge of reconstruction error."""
+import math
 import warnings
 from contextlib import contextmanager
 
 import pytest
 import torch
+from helpers import rel_error
 from torch import nn
 
 import revcol.columns
@@ -26,6 +28,27 @@ def assert_bit_identical(model, stem, x, autocast=False):
         return weighted_sum(states)
 
     assert_reversible_matches_plain(nn.ModuleDict(dict(stem=stem, columns=model)), loss, [x])
+
+
+def test_a_leaf_input_under_autocast_gets_a_slightly_different_gradient_and_a_stem_avoids_it():
+    """Plain autograd under autocast sums a leaf input's gradient from its cached bf16 copy (in bf16); reversible
+    mode sums it in float32. Every parameter's gradient still equals plain autograd's, and with a stem in front
+    of the columns (as in both products) the input's too."""
+    torch.manual_seed(0)
+    model = isotropic_columns(16, [1, 1, 1, 1], 4, 2, **DROPOUTS)
+    x = torch.randn(3, 8, 16)
+    leaf = x.clone().requires_grad_()
+
+    def loss():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return weighted_sum(model(leaf))
+
+    grads_r, grads_p = (gradients(model, loss, mode, [leaf]) for mode in (True, False))
+    assert all(torch.equal(grads_r[name], g) for name, g in grads_p.items() if name != "input0")
+    differs = rel_error(grads_r["input0"], grads_p["input0"])
+    print(f"leaf input under bf16 autocast: relative difference of its gradient {differs:.2e}")
+    assert 0 < differs < 1e-2
+    assert_bit_identical(model, nn.Linear(16, 16), x, autocast=True)
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16"])
@@ -124,6 +147,28 @@ def test_an_ill_conditioned_model_warns_once_naming_column_and_level_and_the_fix
     healthy(torch.randn(4, 8))[-1].sum().backward()
     with no_warning():
         assert healthy.reconstruction_error.error == 0.0
+
+
+class BreaksInRecompute(nn.Module):
+    """Doubles its lower input; the recompute (which runs with grad) adds ``offset``, so that the rebuild is off."""
+
+    def __init__(self, offset):
+        super().__init__()
+        self.offset = offset
+        self.weight = nn.Parameter(torch.ones(()))
+
+    def forward(self, low, high):
+        y = 2 * self.weight * low
+        return y + self.offset if torch.is_grad_enabled() else y
+
+
+@pytest.mark.parametrize("offset, error", [(math.nan, "nan"), (math.inf, "inf")])
+def test_a_non_finite_rebuild_error_warns_and_is_reported_as_it_is(offset, error):
+    model = ReversibleColumns([[BreaksInRecompute(offset) for _ in range(2)] for _ in range(2)], [(4,)] * 2)
+    model(torch.randn(3, 4))[-1].sum().backward()
+    with pytest.warns(UserWarning, match=rf"column 0, level \d is {error} off the forward's"):
+        got = model.reconstruction_error
+    assert str(got.error) == error
 
 
 def test_reconstruction_hooks_run_after_each_backward_until_removed():

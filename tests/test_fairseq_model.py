@@ -19,8 +19,10 @@ from fairseq.models.transformer import TransformerEncoder
 from fairseq.sequence_generator import SequenceGenerator
 from helpers import rel_error, write_reversal_corpus
 
+from revcol import ReconstructionError, check_gamma_init
 from revcol.memory import count_saved_bytes
 from revcol_fairseq import RevColTransformerModel
+from revcol_fairseq.model import log_reconstruction_error
 
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = str(REPO / "revcol_fairseq")
@@ -159,6 +161,14 @@ def test_each_reversible_backward_logs_the_reconstruction_error_as_a_fairseq_met
 
 
 @pytest.mark.slow
+def test_a_nan_reconstruction_error_is_logged_as_nan():
+    columns = types.SimpleNamespace(reconstruction_error=ReconstructionError(math.nan, 0, 1))
+    with metrics.aggregate() as agg:
+        log_reconstruction_error(columns)
+        log_reconstruction_error(types.SimpleNamespace(reconstruction_error=ReconstructionError(1e-9, 0, 0)))
+    assert math.isnan(agg.get_smoothed_values()["reconstruction_error"])
+
+
 def test_compiled_encoder_levels_give_the_plain_gradients():
     # --revcol-compile with dropout, drop path and padding: compiled levels must replay the same masks.
     flags = ("--revcol-columns", "3", "--revcol-drop-path", "0.2", "--dropout", "0.2", "--revcol-gamma-init", "1")
@@ -301,9 +311,10 @@ def test_paper_configuration_matches_the_papers_parameter_count():
     (["--revcol-blocks", "3"], "argument --revcol-blocks: --revcol-blocks needs at least 2 levels"),
     (["--revcol-blocks", "1,0"], "argument --revcol-blocks: --revcol-blocks needs at least 2 levels"),
     (["--revcol-columns", "0"], "argument --revcol-columns: must be an integer >= 1, got '0'"),
-    (["--revcol-gamma-init", "0"], "argument --revcol-gamma-init: |gamma| must be finite and at least 0.001"),
-    (["--revcol-gamma-init", "nan"], "argument --revcol-gamma-init: |gamma| must be finite and at least 0.001"),
-    (["--revcol-gamma-init", "inf"], "argument --revcol-gamma-init: |gamma| must be finite and at least 0.001"),
+    (["--revcol-gamma-init", "0"], "argument --revcol-gamma-init: gamma_init 0.0 is out of range: it must be "
+                                   "finite, with |gamma_init| >= 0.001 (the inverse divides by gamma"),
+    (["--revcol-gamma-init", "nan"], "argument --revcol-gamma-init: gamma_init nan is out of range"),
+    (["--revcol-gamma-init", "inf"], "argument --revcol-gamma-init: gamma_init inf is out of range"),
     (["--revcol-drop-path", "1.5"], "argument --revcol-drop-path: must be in [0, 1), got 1.5"),
     (["--revcol-drop-path", "1"], "argument --revcol-drop-path: must be in [0, 1), got 1"),
     (["--revcol-colums", "3"], "unrecognized arguments: --revcol-colums 3"),
@@ -328,10 +339,32 @@ def test_dims_that_do_not_fit_the_heads_are_refused(flags, message):
         build(*flags, "--no-share-all-embeddings")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--encoder-embed-dim", "0", "--decoder-embed-dim", "0"], "^--encoder-embed-dim must be at least 1, got 0$"),
+    (["--decoder-embed-dim", "0"], "^--decoder-embed-dim must be at least 1, got 0$"),
+    (["--encoder-ffn-embed-dim", "0"], "^--encoder-ffn-embed-dim must be at least 1, got 0$"),
+    (["--decoder-ffn-embed-dim", "0"], "^--decoder-ffn-embed-dim must be at least 1, got 0$"),
+])
+def test_zero_widths_are_refused_naming_the_flag(flags, message):
+    with pytest.raises(ValueError, match=message):
+        build(*flags, "--no-share-all-embeddings")
+
+
+@pytest.mark.parametrize("gamma_init, columns", [(1e6, 4), (-30.0, 8), (5e9, 2)])
+def test_gamma_init_that_would_overflow_float32_is_the_cores_one_line_error(gamma_init, columns):
+    with pytest.raises(ValueError) as core:
+        check_gamma_init(gamma_init, columns)
+    with pytest.raises(ValueError) as plugin:
+        build("--revcol-gamma-init", str(gamma_init), "--revcol-columns", str(columns))
+    assert str(plugin.value) == str(core.value)
+    assert f"gamma_init {gamma_init!r} is out of range" in str(core.value) and "\n" not in str(core.value)
+
+
 @pytest.mark.parametrize("name, value, message", [
     ("revcol_blocks", "1", "--revcol-blocks needs at least 2 levels"),
     ("revcol_columns", 0, "--revcol-columns must be at least 1, got 0"),
     ("ddp_backend", "fully_sharded", "--ddp-backend fully_sharded is not supported by revcol_transformer"),
+    ("revcol_gamma_init", float("nan"), "gamma_init nan is out of range"),
 ])
 def test_namespaces_built_without_the_parser_are_checked_too(name, value, message):
     args = model_args("revcol_transformer_tiny")

@@ -141,3 +141,20 @@ def test_ffn_output_projections_are_scaled_down_by_depth_through_each_column():
         stds = [block.mlp.fc2.weight.std().item() for block in blocks]
         for i, std in enumerate(stds, start=1):
             assert abs(std / (0.02 / math.sqrt(2 * i)) - 1) < 0.05, (i, stds)
+
+
+@pytest.mark.parametrize("reversible", [True, False])
+@pytest.mark.parametrize("x, mask, message", [
+    (torch.randn(5, 16), None, "isotropic columns take tokens shaped (B, T, 16), got shape (5, 16)"),
+    (torch.randn(2, 3, 4, 16), None, "isotropic columns take tokens shaped (B, T, 16), got shape (2, 3, 4, 16)"),
+    (torch.randn(2, 16, 4, 4), None, "isotropic columns take tokens shaped (B, T, 16), got shape (2, 16, 4, 4)"),
+    (torch.randn(2, 5, 16), torch.zeros(2, 4, dtype=torch.bool),
+     "key_padding_mask must be shaped (B, T) = (2, 5) like the tokens, got (2, 4)"),
+    (torch.randn(2, 5, 16), torch.zeros(2, 5),
+     "key_padding_mask must be a bool tensor (True at padded positions), got torch.float32"),
+], ids=["2-D", "4-D", "NCHW", "mask shape", "float mask"])
+def test_wrong_input_or_mask_is_one_error_naming_the_expected_shape_or_dtype(reversible, x, mask, message):
+    model = isotropic_columns(16, [1, 1], 2, 2, reversible=reversible)
+    with pytest.raises(ValueError) as error:
+        model(x.clone().requires_grad_(), key_padding_mask=mask)
+    assert str(error.value) == message

@@ -1,11 +1,14 @@
 """RevCol-ViT through timm: every variant builds and trains, reversible equals plain, timm's model API works, and
 the column sweep's GFLOPs and memory figures are right."""
+import math
+import re
+
 import pytest
 import timm
 import torch
 from timm.data import resolve_data_config
 from timm.models import group_parameters
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_layer_decay
 from torch import nn
 
 import revcol_vit
@@ -300,12 +303,74 @@ def test_group_matcher_orders_every_parameter_once(coarse):
     last = max(layer.values())
     assert {layer[n] for n in names if n.startswith(("patch_embed", "pos_embed"))} == {0}
     assert {n for n in names if layer[n] == last} == {"norm.weight", "norm.bias", "head.weight", "head.bias"}
-    per_column = [{layer[n] for n in names if n.startswith(f"revcol.columns.{c}.")} for c in range(4)]
-    assert all(max(a) < min(b) for a, b in zip(per_column, per_column[1:]))
-    # fine: stem, then per level its fusion and each of its 2 blocks (gamma with the last block), then head
-    assert last + 1 == (6 if coarse else 2 + 4 * 4 * 3)
-    if not coarse:
+    if coarse:  # stem, one group per column, head
+        per_column = [{layer[n] for n in names if n.startswith(f"revcol.columns.{c}.")} for c in range(4)]
+        assert per_column == [{1}, {2}, {3}, {4}] and last == 5
+    else:  # by depth in the column grid: 8 blocks per column and 4 columns give depths 1 to 11
+        assert last == 8 + 4
         assert layer["revcol.columns.2.gammas.1"] == layer["revcol.columns.2.levels.1.blocks.1.norm2.bias"]
+        level = "revcol.columns.2.levels.1"
+        assert layer[f"{level}.fusion.low.0.weight"] == layer[f"{level}.blocks.0.norm2.bias"]
+
+
+def shortest_path_depths(blocks_per_column: int, columns: int):
+    """depth[i][j] of the block at position i of column j: min(depth(i-1, j), depth(i, j-1)) + 1, where the stem
+    (depth 0) comes before the first block of column 0 and nothing else lies outside the grid."""
+    depth = [[math.inf] * columns for _ in range(blocks_per_column)]
+    for i in range(blocks_per_column):
+        for j in range(columns):
+            above = depth[i - 1][j] if i > 0 else (0 if j == 0 else math.inf)
+            left = depth[i][j - 1] if j > 0 else math.inf
+            depth[i][j] = min(above, left) + 1
+    return depth
+
+
+def expected_depth(name: str, depths, columns: int) -> int:
+    """A parameter's depth: stem 0; a level's fusion at its first block, its gamma at its last; head last."""
+    grid = shortest_path_depths(sum(depths), columns)
+    if name.startswith(("patch_embed", "pos_embed")):
+        return 0
+    if name.startswith(("norm.", "head.")):
+        return grid[-1][-1] + 1
+    column, kind, level, rest = re.match(r"revcol\.columns\.(\d+)\.(levels|gammas)\.(\d+)(.*)", name).groups()
+    column, level = int(column), int(level)
+    if kind == "gammas":
+        position = sum(depths[:level + 1]) - 1
+    elif rest.startswith(".fusion."):
+        position = sum(depths[:level])
+    else:
+        position = sum(depths[:level]) + int(re.match(r"\.blocks\.(\d+)\.", rest).group(1))
+    return grid[position][column]
+
+
+@pytest.mark.parametrize("name", ["revcol_vit_s", "revcol_vit_b"])
+def test_layer_decay_scales_each_parameter_by_its_shortest_path_from_the_stem(name):
+    """At --layer-decay 0.75 every parameter's lr scale is 0.75^(head's depth - its depth), the depths as the
+    official RevCol optimizer counts them (about blocks per column + columns deep, not blocks x columns)."""
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    depths, columns = revcol_vit.VARIANTS[name]["depths"], revcol_vit.VARIANTS[name]["num_columns"]
+    head = expected_depth("head.weight", depths, columns)
+    assert head == sum(depths) + columns
+    scale = {id(p): g["lr_scale"] for g in param_groups_layer_decay(model, layer_decay=0.75) for p in g["params"]}
+    for param_name, param in model.named_parameters():
+        want = 0.75 ** (head - expected_depth(param_name, depths, columns))
+        assert scale[id(param)] == pytest.approx(want, rel=1e-12), param_name
+    assert scale[id(model.patch_embed.weight)] > 1e-3  # revcol_vit_b: 0.75^16 = 1.0e-2
+
+
+def test_fine_tuning_with_layer_decay_moves_the_stem():
+    """One AdamW step moves each weight by about its lr (the first step is lr x the gradient's sign): the stem of a
+    revcol_vit_b-shaped model (4 columns of 12 blocks) at --layer-decay 0.75 by 1e-3 x 0.75^16."""
+    model = tiny("revcol_vit_b", drop_path_rate=0.0)
+    before = model.patch_embed.weight.detach().clone()
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.0, layer_decay=0.75)
+    for group in optimizer.param_groups:  # as timm's schedulers set it
+        group["lr"] = 1e-3 * group["lr_scale"]
+    nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4)).backward()
+    optimizer.step()
+    moved = (model.patch_embed.weight - before).abs().max().item()
+    assert moved == pytest.approx(1e-3 * 0.75 ** 16, rel=2e-2)
 
 
 def test_no_weight_decay_names_reach_timm_optimizer():
@@ -348,6 +413,9 @@ def test_bad_kwargs_raise_one_clear_error(kwargs, message):
 def test_wrong_input_size_is_a_clear_error():
     with pytest.raises(ValueError, match="input is 64x64 but the model was built for img_size 32x32"):
         tiny()(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"^input must be a batch of images shaped \(B, in_chans, H, W\), got shape "
+                                         r"\(3, 32, 32\)$"):
+        tiny()(torch.randn(3, 32, 32))
 
 
 @pytest.mark.parametrize("name", ["revcol_vit_s", "revcol_vit_b_8x4"])

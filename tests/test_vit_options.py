@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from revcol import check_gamma_init
 from revcol_vit.config import UsageError
-from revcol_vit.sweep import sweep_parser
+from revcol_vit.sweep import sweep, sweep_parser
 from revcol_vit.train import main as train_main
 from revcol_vit.train import parse_args
 from revcol_vit.validate import build_parser as validate_parser
@@ -31,7 +32,7 @@ TRAIN_TABLE = {
     "patch_size": (8, "8px", -8),
     "columns": (2, "two", 0),
     "depths": ([1, 2], ["one"], [1, 0]),
-    "gamma_init": (0.1, "half", 0),
+    "gamma_init": (0.1, "half", None),  # its range depends on the columns: see the gamma_init test below
     "mlp_ratio": (2.0, "double", 0),
     "drop": (0.1, "some", 1),
     "reversible": (False, "no", None),
@@ -134,6 +135,34 @@ def test_a_bad_value_is_refused_in_yaml_and_as_a_flag(tmp_path, name, column):
         return  # on the command line a bool flag takes no value, and every word is a string
     with pytest.raises(UsageError, match=rf"^argument --{name.replace('_', '-')}: expected {expected}, got "):
         parse_train(tmp_path, flags=flag_args(name, bad))
+
+
+@pytest.mark.parametrize("flags, gamma_init, columns", [
+    (["--gamma-init=1e6"], 1e6, 4),  # revcol_vit_s has 4 columns
+    (["--gamma-init=0"], 0.0, 4),
+    (["--gamma-init=-0.0001"], -0.0001, 4),
+    (["--gamma-init=25", "--columns", "8"], 25.0, 8),
+    (["--gamma-init=30", "--model", "revcol_vit_b_8x4"], 30.0, 8),
+])
+def test_gamma_init_out_of_range_is_the_cores_one_line_error(tmp_path, flags, gamma_init, columns):
+    with pytest.raises(ValueError) as core:
+        check_gamma_init(gamma_init, columns)
+    with pytest.raises(UsageError) as from_flag:
+        parse_args(["--data", "d", *flags])
+    assert str(from_flag.value) == str(core.value)
+
+
+def test_sweep_checks_gamma_init_at_its_most_columns_before_training(tmp_path):
+    with pytest.raises(ValueError) as core:
+        check_gamma_init(25.0, 8)  # the 8x4 variant
+    with pytest.raises(UsageError) as from_sweep:
+        sweep(parse_train(tmp_path, flags=["--gamma-init=25"]))
+    assert str(from_sweep.value) == str(core.value)
+
+
+def test_gamma_init_of_either_sign_is_accepted(tmp_path):
+    assert parse_train(tmp_path, flags=["--gamma-init=-0.5"]).gamma_init == -0.5
+    assert parse_train(tmp_path, {"gamma_init": 1000.0}).gamma_init == 1000.0
 
 
 @pytest.mark.parametrize("name", sorted(VALIDATE_TABLE))

@@ -18,7 +18,7 @@ from timm.data import create_dataset
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import revcol_vit.train as train_module
-from revcol import ReversibleColumns
+from revcol import ReconstructionError, ReversibleColumns
 from revcol_vit.config import UsageError
 from revcol_vit.data import eval_loader, eval_transform, image_folder
 from revcol_vit.runtime import Dist, create_model, evaluate, load_checkpoint
@@ -94,6 +94,17 @@ def test_reconstruction_error_is_logged_per_log_interval_and_per_epoch(trained):
     steps = events.Scalars("train/reconstruction_error")
     assert [s.step for s in steps] == sorted({*range(100, 353, 100), *range(44, 353, 44)})
     assert max(s.value for s in steps) == pytest.approx(max(errors), rel=1e-6)  # TensorBoard keeps float32
+
+
+def test_a_nan_reconstruction_error_is_the_epochs_worst(small_digits, tmp_path, monkeypatch):
+    """A NaN among the steps' rebuild errors reaches log.csv as nan, not as the largest finite one."""
+    errors = iter([1e-9, math.nan] + [2e-9] * 8)  # 160 images in batches of 16: 10 steps
+    monkeypatch.setattr(ReversibleColumns, "reconstruction_error",
+                        property(lambda self: ReconstructionError(next(errors), 0, 0)))
+    history = run_train(small_digits, tmp_path, *NO_AUGMENTATION, "--epochs", "1", "--warmup-epochs", "0",
+                        "--batch-size", "16", "--lr", "1e-4", "--lr-base-batch", "16")
+    assert math.isnan(history[0]["reconstruction_error"])
+    assert read_csv(tmp_path / "log.csv")[0]["reconstruction_error"] == "nan"
 
 
 def test_validate_cli_prints_the_logged_accuracy(trained, digits, capsys):
@@ -341,16 +352,16 @@ def test_fine_tuning_at_another_resolution_on_other_classes(trained, small_digit
                   str(source_dir / "checkpoint.pth"))
 
 
-def expected_layer(name: str, levels: int) -> int:
-    """The layer-decay depth of a parameter of the toy model (one block per level): the stem is 0, then each
-    level's fusion and its block (with the level's gamma), column by column, then norm and head last."""
+def expected_layer(name: str, levels: int, columns: int = 2) -> int:
+    """The layer-decay depth of a parameter of the toy model (one block per level): the stem is 0, the block of level
+    l in column c (with the level's fusion and gamma) sits l + c + 1 deep, its shortest path from the stem through
+    the column grid; norm and head last."""
     if name.startswith(("patch_embed", "pos_embed")):
         return 0
     if name.startswith(("norm", "head")):
-        return 2 * 2 * levels + 1
-    column, kind, level = re.match(r"revcol\.columns\.(\d+)\.(levels|gammas)\.(\d+)", name).groups()
-    first = 1 + 2 * (int(column) * levels + int(level))
-    return first if kind == "levels" and ".fusion." in name else first + 1
+        return levels + columns
+    column, level = re.match(r"revcol\.columns\.(\d+)\.(?:levels|gammas)\.(\d+)", name).groups()
+    return int(level) + int(column) + 1
 
 
 def test_layer_decay_and_model_options(small_digits, tmp_path):

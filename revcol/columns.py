@@ -44,8 +44,10 @@ NO_DOUBLE_BACKWARD = ("reversible columns: double backward (create_graph=True) i
 
 
 def clamp_gamma(gamma: Tensor) -> Tensor:
-    """Keep gamma's sign and |gamma| >= 1e-3: a tiny gamma makes the inverse numerically useless (Sec. 2.2.2)."""
-    return torch.copysign(gamma.abs().clamp_min(GAMMA_MIN), gamma)
+    """Keep gamma's sign and |gamma| >= 1e-3: a tiny gamma makes the inverse numerically useless (Sec. 2.2.2).
+    A zero gamma becomes +1e-3."""
+    magnitude = gamma.abs().clamp_min(GAMMA_MIN)
+    return torch.where(gamma < 0, -magnitude, magnitude)  # not copysign, which ONNX has no operator for
 
 
 def takes_high(column: int, level: int, num_levels: int) -> bool:
@@ -349,6 +351,12 @@ class _ReversibleColumn(torch.autograd.Function):
             + tuple(param_grads)
 
 
+def _capturing() -> bool:
+    """Whether this forward is being captured into a graph rather than run: torch.export (and the ONNX exporter
+    built on it), torch.jit.trace, or FX symbolic tracing."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
     try:
         return torch.broadcast_shapes(shape, target) == target
@@ -423,8 +431,10 @@ class ReversibleColumns(nn.Module):
         self._reconstruction_hooks: Dict[int, Callable] = OrderedDict()  # RemovableHandle keeps a weak reference
 
     def forward(self, x0: Tensor, **context) -> List[Tensor]:
-        # Reversible only where a backward can follow: a frozen model under grad mode keeps nothing.
-        if self.reversible and torch.is_grad_enabled() and (
+        # Reversible only where a training backward can follow: a frozen model under grad mode keeps nothing, an
+        # eval model runs plain, and so does a forward captured into a graph (torch.export, ONNX, jit.trace, FX),
+        # which cannot hold the reversible Function. The capture check comes first: under FX, x0 is a Proxy.
+        if self.reversible and self.training and not _capturing() and torch.is_grad_enabled() and (
                 x0.requires_grad or any(p.requires_grad for p in self.parameters())):
             states = self._forward_reversible(x0, context)
         else:

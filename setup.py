@@ -18,7 +18,7 @@ setup(
             "sacrebleu",
             "sacremoses",
         ],
-        "dev": ["pytest", "ruff", "scikit-learn"],
+        "dev": ["pytest", "ruff", "scikit-learn", "onnx", "onnxscript", "onnxruntime"],  # onnx*: the ONNX export tests
     },
     entry_points={"console_scripts": [
         "revcol-vit-train=revcol_vit.train:main",

@@ -353,8 +353,8 @@ class _ReversibleColumn(torch.autograd.Function):
 
 def _capturing() -> bool:
     """Whether this forward is being captured into a graph rather than run: torch.export (and the ONNX exporter
-    built on it), torch.jit.trace, or FX symbolic tracing."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+    built on it) or torch.jit.trace. (FX symbolic tracing keeps the columns as a leaf: see revcol_vit.model.)"""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
@@ -432,8 +432,8 @@ class ReversibleColumns(nn.Module):
 
     def forward(self, x0: Tensor, **context) -> List[Tensor]:
         # Reversible only where a training backward can follow: a frozen model under grad mode keeps nothing, an
-        # eval model runs plain, and so does a forward captured into a graph (torch.export, ONNX, jit.trace, FX),
-        # which cannot hold the reversible Function. The capture check comes first: under FX, x0 is a Proxy.
+        # eval model runs plain, and so does a forward captured into a graph (torch.export, ONNX, jit.trace),
+        # which cannot hold the reversible Function.
         if self.reversible and self.training and not _capturing() and torch.is_grad_enabled() and (
                 x0.requires_grad or any(p.requires_grad for p in self.parameters())):
             states = self._forward_reversible(x0, context)

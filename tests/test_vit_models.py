@@ -343,7 +343,6 @@ def test_set_grad_checkpointing_keeps_model_working():
     (dict(global_pool="max"), "global_pool must be 'avg' or ''"),
     (dict(num_columns=0), "need at least 1 column"),
     (dict(depths=(2,)), "depths must list at least 2 levels"),
-    (dict(pretrained=True), "no pretrained weights exist for revcol_vit_b_4x8"),
 ])
 def test_bad_kwargs_raise_one_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -351,5 +350,6 @@ def test_bad_kwargs_raise_one_clear_error(kwargs, message):
 
 
 def test_wrong_input_size_is_a_clear_error():
-    with pytest.raises(ValueError, match="input is 64x64 but the model was built for img_size 32x32"):
+    # an AssertionError, as timm's patch embedding raises: the check is a torch._assert, which FX tracing records
+    with pytest.raises(AssertionError, match="input is 64x64 but the model was built for img_size 32x32"):
         tiny()(torch.randn(1, 3, 64, 64))

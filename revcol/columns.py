@@ -61,8 +61,10 @@ NO_DOUBLE_BACKWARD = ("reversible columns: double backward (create_graph=True) i
 
 
 def clamp_gamma(gamma: Tensor) -> Tensor:
-    """Keep gamma's sign and |gamma| >= 1e-3: a tiny gamma makes the inverse numerically useless (Sec. 2.2.2)."""
-    return torch.copysign(gamma.abs().clamp_min(GAMMA_MIN), gamma)
+    """Keep gamma's sign and |gamma| >= 1e-3: a tiny gamma makes the inverse numerically useless (Sec. 2.2.2).
+    A zero gamma becomes +1e-3."""
+    magnitude = gamma.abs().clamp_min(GAMMA_MIN)
+    return torch.where(gamma < 0, -magnitude, magnitude)  # not copysign, which ONNX has no operator for
 
 
 def check_gamma_init(value: float, num_columns: int) -> None:
@@ -494,6 +496,12 @@ class _ReversibleColumn(torch.autograd.Function):
             + tuple(param_grads)
 
 
+def _capturing() -> bool:
+    """Whether this forward is being captured into a graph rather than run: torch.export (and the ONNX exporter
+    built on it) or torch.jit.trace. (FX symbolic tracing keeps the columns as a leaf: see revcol_vit.model.)"""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
     try:
         return torch.broadcast_shapes(shape, target) == target
@@ -576,8 +584,10 @@ class ReversibleColumns(nn.Module):
         self._reconstruction_hooks: Dict[int, Callable] = OrderedDict()  # RemovableHandle keeps a weak reference
 
     def forward(self, x0: Tensor, **context) -> List[Tensor]:
-        # Reversible only where a backward can follow: a frozen model under grad mode keeps nothing.
-        if self.reversible and torch.is_grad_enabled() and (
+        # Reversible only where a training backward can follow: a frozen model under grad mode keeps nothing, an
+        # eval model runs plain, and so does a forward captured into a graph (torch.export, ONNX, jit.trace),
+        # which cannot hold the reversible Function.
+        if self.reversible and self.training and not _capturing() and torch.is_grad_enabled() and (
                 x0.requires_grad or any(p.requires_grad for p in self.parameters())):
             states = self._forward_reversible(x0, context)
         else:

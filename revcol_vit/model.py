@@ -13,12 +13,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import to_2tuple
+from timm.layers import register_notrace_module, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices  # not re-exported; timm's own models import it so
 from torch import Tensor, nn
 
-from revcol import GAMMA_INIT, isotropic_columns
+from revcol import GAMMA_INIT, ReversibleColumns, isotropic_columns
 
 __all__ = ["RevColViT", "VARIANTS"]
 
@@ -30,6 +30,10 @@ VARIANTS: Dict[str, Dict] = {
     "revcol_vit_b_4x8": dict(embed_dim=384, depths=(2, 2, 2, 2), num_heads=6, num_columns=4, drop_path_rate=0.2),
     "revcol_vit_b_8x4": dict(embed_dim=384, depths=(1, 1, 1, 1), num_heads=6, num_columns=8, drop_path_rate=0.2),
 }
+
+# timm's FX feature extraction and tracing keep the columns as one call: traced through, they would be recorded
+# plain, and the traced model would train without rebuilding activations. As a leaf they run as in eager mode.
+register_notrace_module(ReversibleColumns)
 
 
 class RevColViT(nn.Module):
@@ -150,11 +154,14 @@ class RevColViT(nn.Module):
 
     def embed(self, x: Tensor) -> Tensor:
         """Images (B, in_chans, H, W) to position-embedded patch tokens (B, T, C)."""
-        if x.dim() != 4:
+        if not isinstance(x, torch.fx.Proxy) and x.dim() != 4:  # FX tracing cannot test a shape: see below
             raise ValueError(f"input must be a batch of images shaped (B, in_chans, H, W), got shape {tuple(x.shape)}")
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"input is {x.shape[-2]}x{x.shape[-1]} but the model was built for img_size "
-                             f"{self.img_size[0]}x{self.img_size[1]} (its position embedding is fixed)")
+        # torch._assert per side, as timm's patch embedding does: FX tracing cannot branch on a shape, but records
+        # these (a shape there is a Proxy, which neither `if` nor `and` can test)
+        message = (f"input is {x.shape[-2]}x{x.shape[-1]} but the model was built for img_size "
+                   f"{self.img_size[0]}x{self.img_size[1]} (its position embedding is fixed)")
+        torch._assert(x.shape[-2] == self.img_size[0], message)
+        torch._assert(x.shape[-1] == self.img_size[1], message)
         # contiguous: the sum would keep the transposed layout, which every level's first Linear then copies
         return (self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed).contiguous()
 
@@ -223,8 +230,6 @@ default_cfgs = generate_default_cfgs({name: _cfg() for name in VARIANTS})
 
 
 def _create_revcol_vit(variant: str, pretrained: bool = False, **kwargs) -> RevColViT:
-    if pretrained:
-        raise ValueError(f"no pretrained weights exist for {variant}; build it with pretrained=False")
     kwargs = dict(VARIANTS[variant], **kwargs)
     out_indices = kwargs.pop("out_indices", len(kwargs["depths"]))
     overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}

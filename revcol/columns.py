@@ -142,6 +142,7 @@ class _Tape:
         self.kept: Dict[int, List[Optional[Tensor]]] = {}
         self.probe: List[Optional[Tensor]] = []
         self.errors: Dict[Tuple[int, int], Tensor] = {}
+        self.tapped: Set[int] = set()  # columns whose top level the caller also uses: see forward_with_taps
 
     def record(self, c: int, states: List[Tensor]) -> None:
         """In the forward: what backward will check column c's rebuild against, or restart from."""
@@ -285,7 +286,9 @@ class _ReversibleColumn(torch.autograd.Function):
                 raise RuntimeError(RUNS_ONCE)
             # Rebuilt by the next column, and ours alone: states to overwrite, gradients to free once used.
             # (What autograd hands in here are stand-ins; see the end of this function.)
+            tapped_grad = grads[L - 1] if c in tape.tapped else None  # the stand-in plus the caller's gradient
             (states, grads), own_states, top = tape.rebuilt.pop(c), True, None
+            grads[L - 1] = _add(grads[L - 1], tapped_grad)
         index = {p: i for i, p in enumerate(ctx.params)}
         param_grads: List[Optional[Tensor]] = [None] * len(ctx.params)
         prev = None if c == 0 else [None] * L  # the previous column, rebuilt top level first
@@ -423,15 +426,27 @@ class ReversibleColumns(nn.Module):
         self._reconstruction_hooks: Dict[int, Callable] = OrderedDict()  # RemovableHandle keeps a weak reference
 
     def forward(self, x0: Tensor, **context) -> List[Tensor]:
+        return self.forward_with_taps(x0, (), **context)[0]
+
+    def forward_with_taps(self, x0: Tensor, tap_columns: Sequence[int], **context) -> Tuple[List[Tensor], List[Tensor]]:
+        """The last column's level states, and the top-level state of each column in ``tap_columns`` (in
+        increasing order), for losses on intermediate columns. Gradients flow back into the tapped states:
+        in reversible mode a tapped column's backward adds the caller's gradient to the one its next column
+        hands down, so memory stays flat in the number of columns (what the caller keeps aside)."""
+        taps = sorted(set(tap_columns))
+        if any(not 0 <= c < len(self.columns) for c in taps):
+            raise ValueError(f"tap_columns {list(tap_columns)} must lie in 0..{len(self.columns) - 1}")
         # Reversible only where a backward can follow: a frozen model under grad mode keeps nothing.
         if self.reversible and torch.is_grad_enabled() and (
                 x0.requires_grad or any(p.requires_grad for p in self.parameters())):
-            states = self._forward_reversible(x0, context)
+            states, tapped = self._forward_reversible(x0, context, taps)
         else:
-            states = None
-            for column in self.columns:
+            states, tapped = None, []
+            for c, column in enumerate(self.columns):
                 states = column(x0, states, context)
-        return [s.to(x0.dtype) for s in states]
+                if c in taps:
+                    tapped.append(states[-1])
+        return [s.to(x0.dtype) for s in states], [t.to(x0.dtype) for t in tapped]
 
     def compile_levels(self, **options) -> "ReversibleColumns":
         """Compile every level function in place with ``torch.compile(**options)``; the reversible machinery
@@ -500,7 +515,8 @@ class ReversibleColumns(nn.Module):
                 bits = 0.0
         return kept
 
-    def _forward_reversible(self, x0: Tensor, context: Dict) -> List[Tensor]:
+    def _forward_reversible(self, x0: Tensor, context: Dict,
+                            taps: Sequence[int]) -> Tuple[List[Tensor], List[Tensor]]:
         keys = [k for k, v in context.items() if isinstance(v, Tensor)]
         for k in keys:
             if context[k].requires_grad:  # it would silently get no gradient
@@ -508,11 +524,15 @@ class ReversibleColumns(nn.Module):
                                  f"arguments no gradient: detach it, or make it a parameter of a level")
         plain = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
         tape = _Tape(self, self._kept_columns())
+        tape.tapped = set(taps)
         states: List[Tensor] = []
+        tapped: List[Tensor] = []
         for c, column in enumerate(self.columns):
             params = [p for p in column.parameters() if p.requires_grad]
             last = c == len(self.columns) - 1
             states = list(_ReversibleColumn.apply(column, tape, last, last and self.keep_top_graph,
                                                   self.levels_compiled, plain, keys, x0,
                                                   *(context[k] for k in keys), *states, *params))
-        return states
+            if c in tape.tapped:
+                tapped.append(states[-1])
+        return states, tapped

@@ -304,18 +304,10 @@ class RevCol(nn.Module):
 
 
 def column_grid_depths(num_columns: int, depths: Sequence[int]) -> List[List[int]]:
-    """``grid[j][c]``: the depth of block j (counted through the levels) of column c, as the official fine-tuning
-    recipe's layer decay counts it: the shortest path through the grid, where block j of column c follows
-    block j-1 of the same column and block j of the previous column."""
-    blocks = sum(depths)
-    grid = [[0] * num_columns for _ in range(blocks)]
-    for j in range(blocks):
-        for c in range(num_columns):
-            if j == 0 or c == 0:
-                grid[j][c] = j + c
-            else:
-                grid[j][c] = min(grid[j - 1][c], grid[j][c - 1]) + 1
-    return grid
+    """``grid[j][c]``: the depth of block j (counted through the levels) of column c for layer-wise lr decay, as
+    the official fine-tuning recipe counts it: ``min(grid[j-1][c], grid[j][c-1]) + 1``, starting from j along
+    the first column and c along the first block, which is the grid distance j + c."""
+    return [[j + c for c in range(num_columns)] for j in range(sum(depths))]
 
 
 def intermediate_supervision_loss(logits: Sequence[Tensor], reconstructions: Sequence[Tensor], images: Tensor,
@@ -343,7 +335,8 @@ def _init_weights(module: nn.Module) -> None:
 
 # Official checkpoint import. The official model names its columns subnet{c} and the reversible connections
 # subnet{c}.alpha{l}; its levels, fusions and blocks carry the names used here.
-_OFFICIAL_LEVEL = re.compile(r"subnet(\d+)\.level(\d+)\.(.+)")
+_OFFICIAL_LEVEL = re.compile(r"subnet(\d+)\.level(\d+)\.((?:fusion\.(?:down|up\.channel_reschedule)\.\d+"
+                             r"|blocks\.\d+\.(?:dwconv|norm|pwconv1|pwconv2))\.(?:weight|bias)|blocks\.\d+\.gamma)")
 _OFFICIAL_ALPHA = re.compile(r"subnet(\d+)\.alpha(\d+)")
 
 

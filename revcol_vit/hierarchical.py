@@ -267,7 +267,11 @@ class RevCol(nn.Module):
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         return self.head(x, pre_logits=pre_logits)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, supervised: bool = False) -> Union[Tensor, Tuple[List[Tensor], List[Tensor]]]:
+        """Logits of the last head, or with ``supervised`` what :meth:`forward_supervised` returns (a flag, so
+        that a DistributedDataParallel wrapper runs it through its own forward)."""
+        if supervised:
+            return self.forward_supervised(x)
         return self.forward_head(self.forward_features(x))
 
     def forward_supervised(self, x: Tensor) -> Tuple[List[Tensor], List[Tensor]]:
@@ -325,6 +329,13 @@ def intermediate_supervision_loss(logits: Sequence[Tensor], reconstructions: Seq
         loss = loss + 3.0 * (1 - i / n) * F.binary_cross_entropy_with_logits(image_logits, images) \
             + 0.7 * (i + 1) / len(logits) * criterion(class_logits, target)
     return loss
+
+
+def denormalize(images: Tensor, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                std: Sequence[float] = IMAGENET_DEFAULT_STD) -> Tensor:
+    """Normalized images (B, 3, H, W) back to [0, 1] pixels: the decoders' targets."""
+    mean, std = (images.new_tensor(v).view(1, -1, 1, 1) for v in (mean, std))
+    return images * std + mean
 
 
 def _init_weights(module: nn.Module) -> None:

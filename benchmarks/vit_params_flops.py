@@ -28,13 +28,14 @@ PAPER = {
 }
 
 
-# Table 1 and the official README (params, FLOPs at 224); XL is released only at 384 px, H is not built here.
+# Table 1 and the official README (params, FLOPs at 224); XL is released only at 384 px, H only at 640 px.
 PAPER_HIERARCHICAL = {
     "revcol_tiny": ("30M", "4.5G"),
     "revcol_small": ("60M", "9.0G"),
     "revcol_base": ("138M", "16.6G"),
     "revcol_large": ("273M", "39G"),
     "revcol_xlarge": ("-", "-"),
+    "revcol_huge": ("2.1B", "-"),
 }
 
 

@@ -65,6 +65,7 @@ class Column(nn.Module):
         super().__init__()
         self.index = index
         self.levels = nn.ModuleList(levels)
+        self.reads_top = False  # level 0 also reads the previous column's top level (bottom_reads_top)
         self.gammas = None if index == 0 else nn.ParameterList(
             nn.Parameter(torch.full(tuple(shape), float(gamma_init))) for shape in gamma_shapes)
 
@@ -77,9 +78,16 @@ class Column(nn.Module):
         high = prev[l + 1] if takes_high(self.index, l, len(self.levels)) else None
         return low, high
 
-    def f(self, l: int, low: Tensor, high: Optional[Tensor], context: Dict, dtype: torch.dtype) -> Tensor:
-        """F_l on copies of its inputs in the levels' compute ``dtype``; the result in the stream's dtype."""
-        y = self.levels[l](low.to(dtype), None if high is None else high.to(dtype), **context)
+    def top_input(self, l: int, prev: Optional[List[Tensor]]) -> Optional[Tensor]:
+        """The previous column's top level where level l reads it too (level 0, with ``reads_top``), else None."""
+        return prev[-1] if self.reads_top and l == 0 and prev is not None else None
+
+    def f(self, l: int, low: Tensor, high: Optional[Tensor], context: Dict, dtype: torch.dtype,
+          top: Optional[Tensor] = None) -> Tensor:
+        """F_l on copies of its inputs in the levels' compute ``dtype``; the result in the stream's dtype. A
+        ``top`` input reaches the level function as the keyword ``top``."""
+        extra = {} if top is None else {"top": top.to(dtype)}
+        y = self.levels[l](low.to(dtype), None if high is None else high.to(dtype), **extra, **context)
         return y.to(STREAM_DTYPE)
 
     def shortcut(self, l: int, y: Tensor, prev: Optional[List[Tensor]]) -> Tensor:
@@ -99,7 +107,7 @@ class Column(nn.Module):
     def forward(self, x0: Tensor, prev: Optional[List[Tensor]], context: Dict) -> List[Tensor]:
         states: List[Tensor] = []
         for l in range(len(self.levels)):
-            y = self.f(l, *self.inputs(l, x0, states, prev), context, x0.dtype)
+            y = self.f(l, *self.inputs(l, x0, states, prev), context, x0.dtype, self.top_input(l, prev))
             states.append(self.shortcut(l, y, prev))
         return states
 
@@ -229,19 +237,21 @@ class _ReversibleColumn(torch.autograd.Function):
             for l in range(L):
                 rng = _RngState(x0.device)
                 low, high = column.inputs(l, x0, states, prev)
+                top_in = column.top_input(l, prev)
                 top = keep_top and l == L - 1
                 if with_graph or top:
                     # As the recompute calls it: with grad, on inputs that require it. A compiled level then runs
                     # the same kernels in both passes, so the recompute gives back the forward's F exactly.
                     low = low.detach().requires_grad_()
                     high = None if high is None else high.detach().requires_grad_()
+                    top_in = None if top_in is None else top_in.detach().requires_grad_()
                     with torch.enable_grad():
-                        y = column.f(l, low, high, context, x0.dtype)
+                        y = column.f(l, low, high, context, x0.dtype, top_in)
                     if top:  # the last column's top level keeps its graph: see ReversibleColumns.keep_top_graph
                         ctx.top = low, y
                     y = y.detach()
                 else:
-                    y = column.f(l, low, high, context, x0.dtype)
+                    y = column.f(l, low, high, context, x0.dtype, top_in)
                 states.append(column.shortcut(l, y, prev))
                 if rng.consumed():
                     ctx.rng[l] = rng
@@ -298,15 +308,17 @@ class _ReversibleColumn(torch.autograd.Function):
         with torch.enable_grad():
             for l in reversed(range(L)):
                 if top is not None:  # the last column's top level, its graph kept from the forward
-                    (low, y), high, top = top, None, None
+                    (low, y), high, top_in, top = top, None, None, None
                 else:
                     low, high = column.inputs(l, x0, states, prev)
                     low = low.detach().requires_grad_()
                     high = None if high is None else high.detach().requires_grad_()
+                    top_in = column.top_input(l, prev)  # rebuilt already: the top level comes first
+                    top_in = None if top_in is None else top_in.detach().requires_grad_()
                     # Autocast covers the recompute only: the gradients are taken outside it, as autograd takes
                     # them in plain mode, so that no backward formula is cast to another precision.
                     with ctx.autocast, ctx.rng[l].replayed() if l in ctx.rng else nullcontext():
-                        y = column.f(l, low, high, context, x0.dtype)
+                        y = column.f(l, low, high, context, x0.dtype, top_in)
                 grad = grads[l]
                 if prev is not None:
                     # The shortcut x_l = y + gamma * x_l^prev is inverted and differentiated by hand: autograd
@@ -326,7 +338,7 @@ class _ReversibleColumn(torch.autograd.Function):
                 states[l] = grads[l] = None  # release state-sized tensors as soon as they are used up
                 if grad is None:  # nothing downstream depends on this level
                     continue
-                inputs = [low] + ([high] if high is not None else [])
+                inputs = [low] + ([high] if high is not None else []) + ([top_in] if top_in is not None else [])
                 level_params = [p for p in column.levels[l].parameters() if p in index]
                 got = torch.autograd.grad(y, inputs + level_params, grad, allow_unused=True)
                 del y, grad
@@ -337,6 +349,8 @@ class _ReversibleColumn(torch.autograd.Function):
                     grads[l - 1] = _add(grads[l - 1], got_inputs[0])
                 if high is not None:
                     prev_grads[l + 1] = _add(prev_grads[l + 1], got_inputs[1])
+                if top_in is not None:
+                    prev_grads[L - 1] = _add(prev_grads[L - 1], got_inputs[-1])
                 for p, g in zip(level_params, got_params):
                     param_grads[index[p]] = _add(param_grads[index[p]], g)
         if prev is not None:
@@ -388,6 +402,9 @@ class ReversibleColumns(nn.Module):
             ``2**rebuild_budget_bits`` (the product of 1/|gamma| over the columns in between). With the
             default 12 no state is kept up to 12 columns at |gamma| >= 0.5; 0 keeps every column.
 
+        bottom_reads_top: level 0 of every column after the first also reads the previous column's top level,
+            passed to its level function as the keyword ``top`` (RevCol-H); needs 3 levels or more.
+
     The level functions compute in the stem output's dtype (under the caller's autocast), the states are
     carried in float64 between them, and the outputs are returned in the stem output's dtype.
 
@@ -398,7 +415,7 @@ class ReversibleColumns(nn.Module):
 
     def __init__(self, columns: Sequence[Sequence[nn.Module]], gamma_shapes: Sequence[Sequence[int]],
                  gamma_init: float = GAMMA_INIT, reversible: bool = True, keep_top_graph: bool = False,
-                 rebuild_budget_bits: int = REBUILD_BUDGET_BITS):
+                 rebuild_budget_bits: int = REBUILD_BUDGET_BITS, bottom_reads_top: bool = False):
         super().__init__()
         if len(columns) < 1:
             raise ValueError(f"need at least 1 column, got {len(columns)}")
@@ -408,6 +425,8 @@ class ReversibleColumns(nn.Module):
         for c, levels in enumerate(columns):
             if len(levels) != num_levels:
                 raise ValueError(f"column {c} has {len(levels)} levels, column 0 has {num_levels}")
+        if bottom_reads_top and num_levels < 3:
+            raise ValueError(f"bottom_reads_top needs 3 levels or more, got {num_levels}")
         if len(gamma_shapes) != num_levels:
             raise ValueError(f"got {len(gamma_shapes)} gamma shapes for {num_levels} levels")
         if abs(gamma_init) < GAMMA_MIN:
@@ -417,6 +436,8 @@ class ReversibleColumns(nn.Module):
         self.num_levels = num_levels
         self.columns = nn.ModuleList(
             Column(levels, gamma_shapes, gamma_init, index=c) for c, levels in enumerate(columns))
+        for column in self.columns[1:]:
+            column.reads_top = bottom_reads_top
         self.reversible = reversible
         self.keep_top_graph = keep_top_graph
         self.rebuild_budget_bits = rebuild_budget_bits

@@ -32,6 +32,8 @@ VARIANTS: Dict[str, Dict] = {
     "revcol_base": dict(dims=(72, 144, 288, 576), depths=(1, 1, 3, 2), num_columns=16, drop_path_rate=0.4),
     "revcol_large": dict(dims=(128, 256, 512, 1024), depths=(1, 2, 6, 2), num_columns=8, drop_path_rate=0.5),
     "revcol_xlarge": dict(dims=(224, 448, 896, 1792), depths=(1, 2, 6, 2), num_columns=8, drop_path_rate=0.5),
+    "revcol_huge": dict(dims=(360, 720, 1440, 2880), depths=(1, 2, 6, 2), num_columns=8, drop_path_rate=0.5,
+                        bottom_reads_top=True),
 }
 NUM_HEADS = 4  # classifier heads under intermediate supervision; all but the last also decode the image
 
@@ -73,34 +75,38 @@ class Fusion(nn.Module):
     """The input of level ``level``: down(this column's level below) + up(previous column's level above).
 
     ``down`` is a 2x2 stride-2 conv and LayerNorm (absent at level 0, whose input is the stem output), ``up``
-    a channel mix and 2x upsampling (absent in the first column and at the top level).
+    a channel mix and 2x upsampling (absent in the first column and at the top level). With ``reads_top``
+    (RevCol-H's level 0 after the first column), ``up2`` adds the previous column's top level, 8x upsampled.
     """
 
-    def __init__(self, level: int, dims: Sequence[int], reads_high: bool):
+    def __init__(self, level: int, dims: Sequence[int], reads_high: bool, reads_top: bool = False):
         super().__init__()
         self.down = nn.Sequential(nn.Conv2d(dims[level - 1], dims[level], 2, stride=2),
                                   LayerNorm2d(dims[level], eps=1e-6)) if level > 0 else nn.Identity()
         self.up = UpSample(dims[level + 1], dims[level], 2) if reads_high else None
+        self.up2 = UpSample(dims[-1], dims[level], 2 ** (len(dims) - 1 - level)) if reads_top else None
 
-    def forward(self, low: Tensor, high: Optional[Tensor]) -> Tensor:
+    def forward(self, low: Tensor, high: Optional[Tensor], top: Optional[Tensor] = None) -> Tensor:
         x = self.down(low)
-        return x if high is None else x + self.up(high)
+        if high is not None:
+            x = x + self.up(high)
+        return x if top is None else x + self.up2(top)
 
 
 class Level(nn.Module):
     """Level function F_l of one column for :class:`revcol.ReversibleColumns`: a fusion, then ConvNeXt blocks."""
 
     def __init__(self, level: int, dims: Sequence[int], depths: Sequence[int], reads_high: bool,
-                 kernel_size: int, drop_path_rates: Sequence[float]):
+                 kernel_size: int, drop_path_rates: Sequence[float], reads_top: bool = False):
         super().__init__()
-        self.fusion = Fusion(level, dims, reads_high)
+        self.fusion = Fusion(level, dims, reads_high, reads_top)
         first = sum(depths[:level])
         self.blocks = nn.Sequential(*(
             ConvNeXtBlock(dims[level], 4 * dims[level], kernel_size, drop_path_rates[first + j])
             for j in range(depths[level])))
 
-    def forward(self, low: Tensor, high: Optional[Tensor]) -> Tensor:
-        return self.blocks(self.fusion(low, high))
+    def forward(self, low: Tensor, high: Optional[Tensor], top: Optional[Tensor] = None) -> Tensor:
+        return self.blocks(self.fusion(low, high, top))
 
 
 class ClassifierHead(nn.Module):
@@ -165,12 +171,14 @@ class RevCol(nn.Module):
         head_init_scale: scale of the classifier's initial weights and bias (fine-tuning starts at 0.001).
         gamma_init: initial value of the reversible connections' channel-wise gammas.
         reversible: rebuild activations in backward instead of storing them (same outputs and gradients).
+        bottom_reads_top: level 0 also reads the previous column's top level (RevCol-H).
     """
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, dims: Sequence[int] = (64, 128, 256, 512),
                  depths: Sequence[int] = (2, 2, 4, 2), num_columns: int = 4, kernel_size: int = 3,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, intermediate_supervision: bool = False,
-                 head_init_scale: float = 1.0, gamma_init: float = GAMMA_INIT, reversible: bool = True):
+                 head_init_scale: float = 1.0, gamma_init: float = GAMMA_INIT, reversible: bool = True,
+                 bottom_reads_top: bool = False):
         super().__init__()
         if len(dims) != 4 or len(depths) != 4:
             raise ValueError(f"dims and depths need 4 entries (one per level), got {len(dims)} and {len(depths)}")
@@ -182,11 +190,12 @@ class RevCol(nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0], eps=1e-6))
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
-        columns = [[Level(l, dims, depths, c > 0 and l < 3, kernel_size, rates) for l in range(4)]
-                   for c in range(num_columns)]
+        columns = [[Level(l, dims, depths, c > 0 and l < 3, kernel_size, rates, bottom_reads_top and c > 0 and l == 0)
+                    for l in range(4)] for c in range(num_columns)]
         # Decoders run after the tapped columns, so the top level's graph is not kept (see keep_top_graph).
         self.revcol = ReversibleColumns(columns, [(d, 1, 1) for d in dims], gamma_init=gamma_init,
-                                        reversible=reversible, keep_top_graph=not intermediate_supervision)
+                                        reversible=reversible, keep_top_graph=not intermediate_supervision,
+                                        bottom_reads_top=bottom_reads_top)
         self.head = ClassifierHead(dims[-1], num_classes, drop_rate)
         self.aux_heads = self.decoders = None
         if intermediate_supervision:
@@ -346,7 +355,7 @@ def _init_weights(module: nn.Module) -> None:
 
 # Official checkpoint import. The official model names its columns subnet{c} and the reversible connections
 # subnet{c}.alpha{l}; its levels, fusions and blocks carry the names used here.
-_OFFICIAL_LEVEL = re.compile(r"subnet(\d+)\.level(\d+)\.((?:fusion\.(?:down|up\.channel_reschedule)\.\d+"
+_OFFICIAL_LEVEL = re.compile(r"subnet(\d+)\.level(\d+)\.((?:fusion\.(?:down|up2?\.channel_reschedule)\.\d+"
                              r"|blocks\.\d+\.(?:dwconv|norm|pwconv1|pwconv2))\.(?:weight|bias)|blocks\.\d+\.gamma)")
 _OFFICIAL_ALPHA = re.compile(r"subnet(\d+)\.alpha(\d+)")
 
@@ -424,6 +433,9 @@ default_cfgs = generate_default_cfgs({
                                            pool_size=(12, 12), crop_pct=1.0),
     "revcol_large.in22k": _cfg("revcol_large_22k.pth", num_classes=21841),
     "revcol_xlarge": _cfg(),  # no released weights
+    "revcol_huge.megdata_ft_in1k": _cfg(
+        url="https://huggingface.co/LarryTsai/RevCol/resolve/main/revcol_models/classification/"
+            "revcol_huge_megdata_in1k.pth", input_size=(3, 640, 640), pool_size=(20, 20), crop_pct=1.0),
 })
 
 
@@ -462,3 +474,10 @@ def revcol_large(pretrained: bool = False, **kwargs) -> RevCol:
 def revcol_xlarge(pretrained: bool = False, **kwargs) -> RevCol:
     """RevCol-XL: C = 224/448/896/1792, (1, 2, 6, 2) blocks, 8 columns."""
     return _create_revcol("revcol_xlarge", pretrained, **kwargs)
+
+
+@register_model
+def revcol_huge(pretrained: bool = False, **kwargs) -> RevCol:
+    """RevCol-H: C = 360/720/1440/2880, (1, 2, 6, 2) blocks, 8 columns; level 0 also reads the previous column's
+    top level."""
+    return _create_revcol("revcol_huge", pretrained, **kwargs)

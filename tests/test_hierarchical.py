@@ -251,3 +251,26 @@ def test_cli_trains_revcol_tiny_on_digits_with_intermediate_supervision_then_fin
     assert history[-1]["val_top1"] >= 80.0
     tuned = torch.load(tmp_path / "finetune" / "checkpoint.pth", weights_only=True)
     assert not any(key.startswith(("decoders.", "aux_heads.")) for key in tuned["model"])
+
+
+def test_revcol_huge_level0_reads_the_previous_top_level_with_exact_gradients():
+    """RevCol-H: level 0 also takes the previous column's top level (ReversibleColumns(bottom_reads_top)), which the
+    reversible backward rebuilds first and differentiates; an official-format round trip keeps fusion.up2."""
+    torch.manual_seed(0)
+    model = timm.create_model("revcol_huge", **dict(TINY, num_columns=8), intermediate_supervision=True,
+                              drop_path_rate=0.2)
+    model = randomize_(model.double()).train()
+    assert model.revcol.columns[1].levels[0].fusion.up2 is not None
+    x, target = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 3])
+    loss_r, grads_r = supervised_grads(model, x, target, True)
+    loss_p, grads_p = supervised_grads(model, x, target, False)
+    assert torch.equal(loss_r, loss_p)
+    for name, g in grads_p.items():
+        assert rel_error(grads_r[name], g) < 1e-10, (name, rel_error(grads_r[name], g))
+    assert grads_r["revcol.columns.1.levels.0.fusion.up2.channel_reschedule.0.weight"].abs().sum() > 0
+    official = to_official(model.state_dict())
+    assert "subnet1.level0.fusion.up2.channel_reschedule.0.weight" in official
+    target_model = timm.create_model("revcol_huge", **dict(TINY, num_columns=8)).double().eval()
+    target_model.load_state_dict(checkpoint_filter_fn(official, target_model))
+    with torch.no_grad():
+        assert torch.equal(target_model(x), model.eval()(x))

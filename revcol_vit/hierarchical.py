@@ -8,7 +8,8 @@ consecutive columns. The last column's top level is pooled, normalized and class
 Intermediate supervision (Section 2.3): heads on the top level of every (columns/4)-th column, each but the
 last with a decoder that rebuilds the input image; :func:`intermediate_supervision_loss` combines them.
 
-Variants (``VARIANTS``): RevCol-T/S/B/L/XL of Table 1. Official checkpoints load through
+Variants (``VARIANTS``): RevCol-T/S/B/L/XL of Table 1 and RevCol-H, whose level 0 also reads the previous
+column's top level. Official checkpoints load through
 :func:`checkpoint_filter_fn`.
 """
 import re

@@ -1,8 +1,10 @@
-"""Parameters and multiply-adds of every RevCol-ViT variant at 224x224, beside the paper's figures.
+"""Parameters and multiply-adds of every RevCol-ViT and hierarchical RevCol variant at 224x224, beside the paper's
+figures.
 
     PYTHONPATH=. python benchmarks/vit_params_flops.py [--mlp-ratio 4.0]
 
-Prints the markdown table of docs/vit.md. Multiply-adds (what papers call FLOPs) are torch's FlopCounterMode
+Prints the markdown tables of docs/vit.md and docs/hierarchical.md (the hierarchical models are counted on the
+meta device: no weights are allocated). Multiply-adds (what papers call FLOPs) are torch's FlopCounterMode
 count halved. On CPU, scaled_dot_product_attention runs as one fused op the counter has no formula for, so
 the script supplies torch's own attention formula for it; otherwise QK^T and AV would go uncounted.
 """
@@ -13,6 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import revcol_vit
+from revcol_vit import hierarchical
 
 # Table 9 (params, FLOPs); Appendix B.3 states only "FLOPs about 18G" for its 32-block family.
 PAPER = {
@@ -22,6 +25,17 @@ PAPER = {
     "revcol_vit_b_2x16": ("-", "~18G"),
     "revcol_vit_b_4x8": ("-", "~18G"),
     "revcol_vit_b_8x4": ("-", "~18G"),
+}
+
+
+# Table 1 and the official README (params, FLOPs at 224); XL is released only at 384 px, H only at 640 px.
+PAPER_HIERARCHICAL = {
+    "revcol_tiny": ("30M", "4.5G"),
+    "revcol_small": ("60M", "9.0G"),
+    "revcol_base": ("138M", "16.6G"),
+    "revcol_large": ("273M", "39G"),
+    "revcol_xlarge": ("-", "-"),
+    "revcol_huge": ("2.1B", "-"),
 }
 
 
@@ -38,6 +52,16 @@ def measure(name: str, **kwargs):
     with torch.no_grad(), counter:
         model(torch.randn(1, 3, 224, 224))
     return params, counter.get_total_flops() // 2
+
+
+def measure_hierarchical(name: str):
+    """(parameters, multiply-adds) of one 224x224 image through ``name``, on the meta device."""
+    with torch.device("meta"):
+        model = timm.create_model(name).eval()
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(torch.randn(1, 3, 224, 224))
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2
 
 
 def main():
@@ -57,6 +81,15 @@ def main():
         paper_params, paper_flops = PAPER[name]
         print(f"| `{name}` | {cfg['num_columns']} | {cfg['depths']} | {blocks} | {params / 1e6:.1f}M "
               f"| {macs / 1e9:.2f}G | {paper_params} | {paper_flops} |")
+
+    print()
+    print("| model | channels | blocks per level | columns | params | MACs | paper params | paper FLOPs |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, cfg in hierarchical.VARIANTS.items():
+        params, macs = measure_hierarchical(name)
+        paper_params, paper_flops = PAPER_HIERARCHICAL[name]
+        print(f"| `{name}` | {'/'.join(map(str, cfg['dims']))} | {cfg['depths']} | {cfg['num_columns']} "
+              f"| {params / 1e6:.1f}M | {macs / 1e9:.2f}G | {paper_params} | {paper_flops} |")
 
 
 if __name__ == "__main__":

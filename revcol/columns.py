@@ -96,6 +96,7 @@ class Column(nn.Module):
         super().__init__()
         self.index = index
         self.levels = nn.ModuleList(levels)
+        self.reads_top = False  # level 0 also reads the previous column's top level (bottom_reads_top)
         self.gammas = None if index == 0 else nn.ParameterList(
             nn.Parameter(torch.full(tuple(shape), float(gamma_init))) for shape in gamma_shapes)
 
@@ -108,9 +109,16 @@ class Column(nn.Module):
         high = prev[l + 1] if takes_high(self.index, l, len(self.levels)) else None
         return low, high
 
-    def f(self, l: int, low: Tensor, high: Optional[Tensor], context: Dict, dtype: torch.dtype) -> Tensor:
-        """F_l on copies of its inputs in the levels' compute ``dtype``; the result in the stream's dtype."""
-        y = self.levels[l](low.to(dtype), None if high is None else high.to(dtype), **context)
+    def top_input(self, l: int, prev: Optional[List[Tensor]]) -> Optional[Tensor]:
+        """The previous column's top level where level l reads it too (level 0, with ``reads_top``), else None."""
+        return prev[-1] if self.reads_top and l == 0 and prev is not None else None
+
+    def f(self, l: int, low: Tensor, high: Optional[Tensor], context: Dict, dtype: torch.dtype,
+          top: Optional[Tensor] = None) -> Tensor:
+        """F_l on copies of its inputs in the levels' compute ``dtype``; the result in the stream's dtype. A
+        ``top`` input reaches the level function as the keyword ``top``."""
+        extra = {} if top is None else {"top": top.to(dtype)}
+        y = self.levels[l](low.to(dtype), None if high is None else high.to(dtype), **extra, **context)
         return y.to(STREAM_DTYPE)
 
     def shortcut(self, l: int, y: Tensor, prev: Optional[List[Tensor]]) -> Tensor:
@@ -140,7 +148,7 @@ class Column(nn.Module):
                                                 *(context[k] for k in keys), *(prev or ()), *params))
         states: List[Tensor] = []
         for l in range(len(self.levels)):
-            y = self.f(l, *self.inputs(l, x0, states, prev), context, x0.dtype)
+            y = self.f(l, *self.inputs(l, x0, states, prev), context, x0.dtype, self.top_input(l, prev))
             states.append(self.shortcut(l, y, prev))
         return states
 
@@ -186,6 +194,7 @@ class _Tape:
         self.probe: List[Optional[Tensor]] = []
         self.errors: Dict[Tuple[int, int], Tensor] = {}
         self.cast_bits: Dict[Tuple[int, int], Tensor] = {}
+        self.tapped: Set[int] = set()  # columns whose top level the caller also uses: see forward_with_taps
 
     def record(self, c: int, states: List[Tensor], dtype: torch.dtype) -> None:
         """In the forward: what backward will check column c's rebuild against, or restart from; and for a
@@ -362,19 +371,21 @@ class _ReversibleColumn(torch.autograd.Function):
             for l in range(L):
                 rng = _RngState(x0.device)
                 low, high = column.inputs(l, x0, states, prev)
+                top_in = column.top_input(l, prev)
                 top = keep_top and l == L - 1
                 if with_graph or top:
                     # As the recompute calls it: with grad, on inputs that require it. A compiled level then runs
                     # the same kernels in both passes, so the recompute gives back the forward's F exactly.
                     low = low.detach().requires_grad_()
                     high = None if high is None else high.detach().requires_grad_()
+                    top_in = None if top_in is None else top_in.detach().requires_grad_()
                     with torch.enable_grad():
-                        y = column.f(l, low, high, context, x0.dtype)
+                        y = column.f(l, low, high, context, x0.dtype, top_in)
                     if top:  # the last column's top level keeps its graph: see ReversibleColumns.keep_top_graph
                         ctx.top = low, y
                     y = y.detach()
                 else:
-                    y = column.f(l, low, high, context, x0.dtype)
+                    y = column.f(l, low, high, context, x0.dtype, top_in)
                 states.append(column.shortcut(l, y, prev))
                 if rng.consumed():
                     ctx.rng[l] = rng
@@ -419,7 +430,9 @@ class _ReversibleColumn(torch.autograd.Function):
                 raise RuntimeError(RUNS_ONCE)
             # Rebuilt by the next column, and ours alone: states to overwrite, gradients to free once used.
             # (What autograd hands in here are stand-ins; see the end of this function.)
+            tapped_grad = grads[L - 1] if c in tape.tapped else None  # the stand-in plus the caller's gradient
             (states, grads), own_states, top = tape.rebuilt.pop(c), True, None
+            grads[L - 1] = _add(grads[L - 1], tapped_grad)
         index = {p: i for i, p in enumerate(ctx.params)}
         param_grads: List[Optional[Tensor]] = [None] * len(ctx.params)
         prev = None if c == 0 else [None] * L  # the previous column, rebuilt top level first
@@ -429,17 +442,20 @@ class _ReversibleColumn(torch.autograd.Function):
         with torch.enable_grad():
             for l in reversed(range(L)):
                 if top is not None:  # the last column's top level, its graph kept from the forward
-                    (low, y), high, top = top, None, None
+                    (low, y), high, top_in, top = top, None, None, None
                 else:
                     low, high = column.inputs(l, x0, states, prev)
                     low = low.detach().requires_grad_()
                     high = None if high is None else high.detach().requires_grad_()
                     low_cast = low if l == 0 else tape.forward_cast(c, l - 1, low, x0.dtype)
                     high_cast = None if high is None else tape.forward_cast(c - 1, l + 1, high, x0.dtype)
+                    top_in = column.top_input(l, prev)  # rebuilt already: the top level comes first
+                    top_in = None if top_in is None else top_in.detach().requires_grad_()
+                    top_cast = None if top_in is None else tape.forward_cast(c - 1, L - 1, top_in, x0.dtype)
                     # Autocast covers the recompute only: the gradients are taken outside it, as autograd takes
                     # them in plain mode, so that no backward formula is cast to another precision.
                     with ctx.autocast, ctx.rng[l].replayed() if l in ctx.rng else nullcontext():
-                        y = column.f(l, low_cast, high_cast, context, x0.dtype)
+                        y = column.f(l, low_cast, high_cast, context, x0.dtype, top_cast)
                 grad = grads[l]
                 if prev is not None:
                     # The shortcut x_l = y + gamma * x_l^prev is inverted and differentiated by hand: autograd
@@ -461,7 +477,7 @@ class _ReversibleColumn(torch.autograd.Function):
                 states[l] = grads[l] = None  # release state-sized tensors as soon as they are used up
                 if grad is None:  # nothing downstream depends on this level
                     continue
-                inputs = [low] + ([high] if high is not None else [])
+                inputs = [low] + ([high] if high is not None else []) + ([top_in] if top_in is not None else [])
                 trained = any(p.requires_grad for p in column.levels[l].parameters())
                 if ctx.sharded:
                     if trained and not _reaches_a_parameter(y, inputs):
@@ -481,6 +497,8 @@ class _ReversibleColumn(torch.autograd.Function):
                     grads[l - 1] = _add(grads[l - 1], got_inputs[0])
                 if high is not None:
                     prev_grads[l + 1] = _add(prev_grads[l + 1], got_inputs[1])
+                if top_in is not None:
+                    prev_grads[L - 1] = _add(prev_grads[L - 1], got_inputs[-1])
                 for p, g in zip(level_params, got_params):
                     param_grads[index[p]] = _add(param_grads[index[p]], g)
         if prev is not None:
@@ -543,6 +561,9 @@ class ReversibleColumns(nn.Module):
             ``2**rebuild_budget_bits`` (the product of 1/|gamma| over the columns in between). With the
             default 12 no state is kept up to 12 columns at |gamma| >= 0.5; 0 keeps every column.
 
+        bottom_reads_top: level 0 of every column after the first also reads the previous column's top level,
+            passed to its level function as the keyword ``top`` (RevCol-H); needs 3 levels or more.
+
     The level functions compute in the stem output's dtype (under the caller's autocast), the states are
     carried in float64 between them, and the outputs are returned in the stem output's dtype.
 
@@ -553,7 +574,7 @@ class ReversibleColumns(nn.Module):
 
     def __init__(self, columns: Sequence[Sequence[nn.Module]], gamma_shapes: Sequence[Sequence[int]],
                  gamma_init: float = GAMMA_INIT, reversible: bool = True, keep_top_graph: bool = False,
-                 rebuild_budget_bits: int = REBUILD_BUDGET_BITS):
+                 rebuild_budget_bits: int = REBUILD_BUDGET_BITS, bottom_reads_top: bool = False):
         super().__init__()
         if len(columns) < 1:
             raise ValueError(f"need at least 1 column, got {len(columns)}")
@@ -563,6 +584,8 @@ class ReversibleColumns(nn.Module):
         for c, levels in enumerate(columns):
             if len(levels) != num_levels:
                 raise ValueError(f"column {c} has {len(levels)} levels, column 0 has {num_levels}")
+        if bottom_reads_top and num_levels < 3:
+            raise ValueError(f"bottom_reads_top needs 3 levels or more, got {num_levels}")
         if len(gamma_shapes) != num_levels:
             raise ValueError(f"got {len(gamma_shapes)} gamma shapes for {num_levels} levels")
         check_gamma_init(gamma_init, len(columns))
@@ -571,6 +594,8 @@ class ReversibleColumns(nn.Module):
         self.num_levels = num_levels
         self.columns = nn.ModuleList(
             Column(levels, gamma_shapes, gamma_init, index=c) for c, levels in enumerate(columns))
+        for column in self.columns[1:]:
+            column.reads_top = bottom_reads_top
         self.reversible = reversible
         self.keep_top_graph = keep_top_graph
         self.rebuild_budget_bits = rebuild_budget_bits
@@ -584,17 +609,29 @@ class ReversibleColumns(nn.Module):
         self._reconstruction_hooks: Dict[int, Callable] = OrderedDict()  # RemovableHandle keeps a weak reference
 
     def forward(self, x0: Tensor, **context) -> List[Tensor]:
+        return self.forward_with_taps(x0, (), **context)[0]
+
+    def forward_with_taps(self, x0: Tensor, tap_columns: Sequence[int], **context) -> Tuple[List[Tensor], List[Tensor]]:
+        """The last column's level states, and the top-level state of each column in ``tap_columns`` (in
+        increasing order), for losses on intermediate columns. Gradients flow back into the tapped states:
+        in reversible mode a tapped column's backward adds the caller's gradient to the one its next column
+        hands down, so memory stays flat in the number of columns (what the caller keeps aside)."""
+        taps = sorted(set(tap_columns))
+        if any(not 0 <= c < len(self.columns) for c in taps):
+            raise ValueError(f"tap_columns {list(tap_columns)} must lie in 0..{len(self.columns) - 1}")
         # Reversible only where a training backward can follow: a frozen model under grad mode keeps nothing, an
         # eval model runs plain, and so does a forward captured into a graph (torch.export, ONNX, jit.trace),
         # which cannot hold the reversible Function.
         if self.reversible and self.training and not _capturing() and torch.is_grad_enabled() and (
                 x0.requires_grad or any(p.requires_grad for p in self.parameters())):
-            states = self._forward_reversible(x0, context)
+            states, tapped = self._forward_reversible(x0, context, taps)
         else:
-            states = None
-            for column in self.columns:
+            states, tapped = None, []
+            for c, column in enumerate(self.columns):
                 states = column(x0, states, context)
-        return [s.to(x0.dtype) for s in states]
+                if c in taps:
+                    tapped.append(states[-1])
+        return [s.to(x0.dtype) for s in states], [t.to(x0.dtype) for t in tapped]
 
     def compile_levels(self, **options) -> "ReversibleColumns":
         """Compile every level function in place with ``torch.compile(**options)``; the reversible machinery
@@ -711,16 +748,21 @@ class ReversibleColumns(nn.Module):
     # no-grad forward while the recompute runs them eagerly, and the inverse magnifies the difference. The levels
     # run as they are in both passes, compiled where compile_levels() compiled them.
     @torch._dynamo.disable
-    def _forward_reversible(self, x0: Tensor, context: Dict) -> List[Tensor]:
+    def _forward_reversible(self, x0: Tensor, context: Dict,
+                            taps: Sequence[int]) -> Tuple[List[Tensor], List[Tensor]]:
         keys = [k for k, v in context.items() if isinstance(v, Tensor)]
         for k in keys:
             if context[k].requires_grad:  # it would silently get no gradient
                 raise ValueError(f"keyword argument '{k}' requires grad, but reversible columns give keyword "
                                  f"arguments no gradient: detach it, or make it a parameter of a level")
         tape = _Tape(self, self._kept_columns())
+        tape.tapped = set(taps)
         states = None
+        tapped: List[Tensor] = []
         for c, column in enumerate(self.columns):
             last = c == len(self.columns) - 1
             run = _ReversibleRun(tape, last, last and self.keep_top_graph, self.levels_compiled)
             states = column(x0, states, context, reversible=run)
-        return states
+            if c in tape.tapped:
+                tapped.append(states[-1])
+        return states, tapped

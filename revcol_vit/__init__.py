@@ -1,4 +1,6 @@
-"""RevCol-ViT models registered with timm: ``import revcol_vit`` makes ``timm.create_model('revcol_vit_b')`` work."""
+"""RevCol models registered with timm: ``import revcol_vit`` makes ``timm.create_model('revcol_vit_b')`` and
+``timm.create_model('revcol_tiny')`` work."""
+from . import hierarchical
 from .model import VARIANTS, RevColViT
 
-__all__ = ["RevColViT", "VARIANTS"]
+__all__ = ["RevColViT", "VARIANTS", "hierarchical"]

@@ -253,6 +253,13 @@ TRAIN_OPTIONS: Dict[Optional[str], Dict[str, Option]] = {
         patch_size=SIZE,
         columns=SIZE,
         depths=Option(int, count="+", at_least=1, optional=True, help="blocks per level of a column"),
+        dims=Option(int, count=4, at_least=1, optional=True,
+                    help="channels of the four levels of a hierarchical model (revcol_tiny ...)"),
+        intermediate_supervision=Option(bool, optional=True,
+                                        help="a hierarchical model's heads and decoders on every (columns/4)-th "
+                                             "column (default: on from scratch, off when fine-tuning)"),
+        head_init_scale=Option(float, above=0, optional=True,
+                               help="scale of a hierarchical model's initial classifier (fine-tuning: 0.001)"),
         gamma_init=Option(float, optional=True,  # range: revcol.check_gamma_init, at the model's columns
                           help="initial gamma of the reversible connections (default: the model's, 0.5)"),
         mlp_ratio=Option(float, above=0, optional=True, help="MLP hidden width over the embedding width"),

@@ -28,7 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from revcol import check_gamma_init
+from revcol.checkpoint import load_plain_checkpoint
 
+from . import hierarchical
 from .config import IMAGENET_1K, TRAIN_OPTIONS, Parser, UsageError, check_options, load_yaml_recipe
 from .data import (
     DEFAULT_WORKERS,
@@ -70,7 +72,8 @@ _logger = logging.getLogger("revcol_vit.train")
 # Model flags and the keyword arguments of the RevCol-ViT models they set.
 MODEL_FLAGS = dict(embed_dim="embed_dim", num_heads="num_heads", patch_size="patch_size", columns="num_columns",
                    depths="depths", drop_path="drop_path_rate", reversible="reversible", gamma_init="gamma_init",
-                   mlp_ratio="mlp_ratio", drop="drop_rate")
+                   mlp_ratio="mlp_ratio", drop="drop_rate", dims="dims",
+                   intermediate_supervision="intermediate_supervision", head_init_scale="head_init_scale")
 
 
 def build_parser() -> Parser:
@@ -107,7 +110,11 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[Parser] = None
 
 def model_kwargs(args, num_classes: int) -> Dict[str, Any]:
     """Keyword arguments for ``timm.create_model``: only the sizes that were set, so the model keeps its own."""
-    kwargs = dict(num_classes=num_classes, img_size=args.img_size)
+    kwargs = dict(num_classes=num_classes)
+    if args.model in hierarchical.VARIANTS:  # convolutional: any image size, intermediate supervision by default
+        kwargs["intermediate_supervision"] = not args.initial_checkpoint
+    else:
+        kwargs["img_size"] = args.img_size
     for flag, name in MODEL_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -148,6 +155,41 @@ def load_initial_weights(model: nn.Module, initial: Dict[str, Any], path: str) -
         raise UsageError(f"--initial-checkpoint {path} does not fit this model: "
                          f"{', '.join(misfits or sorted(missing) or sorted(unexpected))}")
     model.load_state_dict(state, strict=False)
+    return weights
+
+
+def load_hierarchical_initial_weights(model: nn.Module, path: str, model_name: str) -> str:
+    """``--initial-checkpoint`` for a hierarchical model: an official RevCol file (through the model's
+    checkpoint_filter_fn) or a revcol_vit.train checkpoint of ``model_name`` (its EMA's weights if any). A head of
+    another number of classes stays freshly initialized, as do heads and decoders the file lacks. Returns what
+    was loaded."""
+    try:
+        ckpt = load_plain_checkpoint(path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if isinstance(ckpt, dict) and "args" in ckpt:
+        if ckpt["args"]["model"] != model_name:
+            raise UsageError(f"--initial-checkpoint {path} holds {ckpt['args']['model']}, not {model_name}")
+        weights = "ema" if ckpt.get("ema") is not None else "model"
+        state = ckpt[weights]
+    else:
+        weights = "official"
+        try:
+            state = hierarchical.checkpoint_filter_fn(ckpt, model)
+        except (ValueError, AttributeError) as e:
+            raise UsageError(f"--initial-checkpoint {path}: {e}") from None
+    own = model.state_dict()
+    if "head.fc.weight" in state and state["head.fc.weight"].shape != own["head.fc.weight"].shape:
+        state = {name: value for name, value in state.items() if not name.startswith("head.fc.")}
+    fresh = ("head.fc.", "aux_heads.", "decoders.")
+    misfits = [f"{name} {tuple(value.shape)} vs {tuple(own[name].shape)}" for name, value in state.items()
+               if name in own and value.shape != own[name].shape]
+    missing = {name for name in own if name not in state and not name.startswith(fresh)}
+    unexpected = {name for name in state if name not in own and not name.startswith(("aux_heads.", "decoders."))}
+    if misfits or missing or unexpected:
+        raise UsageError(f"--initial-checkpoint {path} does not fit this model: "
+                         f"{', '.join(misfits or sorted(missing) or sorted(unexpected))}")
+    model.load_state_dict({name: value for name, value in state.items() if name in own}, strict=False)
     return weights
 
 
@@ -283,7 +325,12 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
         # Gradients of the accumulation micro-steps stay local; the last one all-reduces their sum.
         with ddp_model.no_sync() if d.world_size > 1 and not update else nullcontext():
             with torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = criterion(ddp_model(images), targets)
+                if getattr(t.model, "aux_heads", None) is not None:  # a hierarchical model's Section 2.3 loss
+                    logits, decoded = ddp_model(images, supervised=True)
+                    loss = hierarchical.intermediate_supervision_loss(logits, decoded, hierarchical.denormalize(images),
+                                                                      targets, criterion)
+                else:
+                    loss = criterion(ddp_model(images), targets)
             t.scaler.scale(loss / args.accum_steps).backward()
         micro_loss += loss.detach() / args.accum_steps
         if not update:
@@ -341,7 +388,9 @@ def train(args) -> List[Dict[str, Any]]:
                          f"or train into another --output")
     train_tf, eval_tf = build_transforms(args)
     splits, classes = open_splits(args.dataset, args.data, {"train": train_tf, "val": eval_tf})
-    initial = initial_weights(args.initial_checkpoint, args.model) if args.initial_checkpoint else None
+    official_format = args.initial_checkpoint and args.model in hierarchical.VARIANTS
+    initial = initial_weights(args.initial_checkpoint, args.model) if args.initial_checkpoint \
+        and not official_format else None
     kwargs = fine_tuning_kwargs(args, len(classes), initial) if initial else model_kwargs(args, len(classes))
     seed_all(args.seed + d.rank)  # ranks draw different augmentations
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -350,6 +399,9 @@ def train(args) -> List[Dict[str, Any]]:
         weights = load_initial_weights(model, initial, args.initial_checkpoint)
         _logger.info("fine-tuning the %s weights of %s (epoch %d)", weights, args.initial_checkpoint,
                      initial["epoch"])
+    if official_format:
+        weights = load_hierarchical_initial_weights(model, args.initial_checkpoint, args.model)
+        _logger.info("fine-tuning the %s weights of %s", weights, args.initial_checkpoint)
     model.to(d.device)
     torch.manual_seed(args.seed + d.rank)
 

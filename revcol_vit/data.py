@@ -1,6 +1,7 @@
 """Image folders in ImageNet layout (``<split>/<class>/<image>``): classes, transforms and loaders."""
 import io
 import os
+import tarfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -41,11 +42,16 @@ def list_classes(root: str, splits: Sequence[str] = ("train", "val")) -> List[st
         if not names:
             raise UsageError(f"{folder} has no class folders")
         for name in names:
-            files = os.scandir(os.path.join(folder, name))
-            if not any(os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS for entry in files):
+            if not has_images(os.path.join(folder, name)):
                 raise UsageError(f"class folder {os.path.join(folder, name)} has no images")
         classes[split] = names
     return same_classes(classes, root)
+
+
+def has_images(folder: str) -> bool:
+    """Whether ``folder`` holds an image at any depth (timm's reader follows links too)."""
+    return any(os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+               for _, _, files in os.walk(folder, followlinks=True) for name in files)
 
 
 def same_classes(classes: Dict[str, List[str]], root: str) -> List[str]:
@@ -77,14 +83,32 @@ def train_transform(img_size: int, *, scale: Tuple[float, float], ratio: Tuple[f
                             re_prob=reprob, re_mode="pixel", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
+def check_augment_policy(policy: str) -> None:
+    """``--aa``: a policy string timm's transforms take (timm asserts on others when the transform is built)."""
+    try:
+        create_transform(32, is_training=True, auto_augment=policy)
+    except (AssertionError, KeyError, ValueError):
+        raise UsageError(f"argument --aa: {policy!r} is no timm auto-augment policy (rand-m9-mstd0.5-inc1, "
+                         f"augmix-m5-w4-d2, original, v0, 3a, ... or none)") from None
+
+
 def eval_transform(img_size: int, *, interpolation: str, crop_pct: float):
     """Resize to ``img_size / crop_pct``, then center crop ``img_size``."""
     return create_transform(img_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct,
                             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
-def image_folder(root: str, split: str, transform) -> Dataset:
-    return create_dataset("", root=os.path.join(root, split), search_split=False, transform=transform)
+def image_folder(root: str, split: str, transform, classes: Optional[Sequence[str]] = None) -> Dataset:
+    """The images of ``root/split``, each labelled by its top-level class folder (of ``classes``, by default every
+    class folder) at any depth below it, as torchvision's ImageFolder does: timm's reader labels by the innermost
+    folder, which would make ``a/c/x.png`` class c. Images directly in ``root/split`` belong to no class."""
+    folder = os.path.join(root, split)
+    dataset = create_dataset("", root=folder, search_split=False, transform=transform)
+    class_to_idx = {name: i for i, name in enumerate(classes or list_classes(root, (split,)))}
+    labelled = ((path, os.path.relpath(path, folder).split(os.sep)[0]) for path, _ in dataset.reader.samples)
+    dataset.reader.samples = [(path, class_to_idx[name]) for path, name in labelled if name in class_to_idx]
+    dataset.reader.class_to_idx = class_to_idx
+    return dataset
 
 
 def open_splits(name: str, root: str, transforms: Dict[str, Any]) -> Tuple[Dict[str, ImageDataset], List[str]]:
@@ -98,8 +122,14 @@ def open_splits(name: str, root: str, transforms: Dict[str, Any]) -> Tuple[Dict[
     """
     tars = {split: os.path.join(root, f"{split}.tar") for split in transforms}
     if not name and not all(os.path.isfile(tar) for tar in tars.values()):
+        given = [split for split, tar in tars.items() if os.path.isfile(tar)]
+        missing = [split for split in transforms if split not in given and not os.path.isdir(os.path.join(root, split))]
+        if given and missing:
+            raise UsageError(f"data directory {root} has {', '.join(s + '.tar' for s in given)} but no "
+                             f"{', '.join(s + '.tar' for s in missing)} (a tar of <class>/<image> per split, or "
+                             f"a folder per split)")
         classes = list_classes(root, splits=tuple(transforms))
-        return {split: image_folder(root, split, tf) for split, tf in transforms.items()}, classes
+        return {split: image_folder(root, split, tf, classes) for split, tf in transforms.items()}, classes
     datasets, classes = {}, {}
     for split, transform in transforms.items():
         try:
@@ -107,6 +137,8 @@ def open_splits(name: str, root: str, transforms: Dict[str, Any]) -> Tuple[Dict[
                 dataset = create_dataset(name, root=root, split=split, transform=transform)
             else:
                 dataset = create_dataset("", root=tars[split], search_split=False, transform=transform)
+        except tarfile.ReadError as e:
+            raise UsageError(f"{tars[split]} is not a readable tar file ({e})") from None
         except (AssertionError, ImportError, RuntimeError, ValueError) as e:  # what timm raises for a bad name/root
             raise UsageError(f"--dataset {name!r} cannot open split {split} of {root}: {e}") from None
         if not isinstance(dataset, ImageDataset):
@@ -140,10 +172,13 @@ def scan(dataset, threads: int) -> List[Tuple[bool, int]]:
 
     def check(index: int) -> Tuple[bool, int]:
         with lock:
-            sample, label = dataset.reader[index][:2]
-            if hasattr(sample, "read"):  # the folder and tar readers give an open file
-                with sample:
-                    sample = sample.read()
+            try:
+                sample, label = dataset.reader[index][:2]
+                if hasattr(sample, "read"):  # the folder and tar readers give an open file
+                    with sample:
+                        sample = sample.read()
+            except OSError:  # a file that cannot be opened or read, such as a dangling symbolic link
+                return False, -1
         # Other readers (hfds/) may give the bytes, or an image their library has decoded already.
         return decodes(sample) if isinstance(sample, bytes) else True, int(label)
 

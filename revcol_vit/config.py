@@ -205,12 +205,14 @@ def load_yaml_recipe(path: str, parser: Parser) -> Dict[str, Any]:
     is checked against the option's schema, as its flag is.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            recipe = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+        with open(path, "rb") as f:
+            data = f.read()
+        recipe = yaml.load(data.decode("utf-8"), Loader=_UniqueKeyLoader) or {}
     except OSError as e:
         raise UsageError(f"cannot read config {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise UsageError(f"config {path} is not UTF-8 text (byte {e.start})") from None
+        line = data[:e.start].count(b"\n") + 1
+        raise UsageError(f"config {path} is not UTF-8 text (line {line})") from None
     except yaml.YAMLError as e:
         raise UsageError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(recipe, dict):

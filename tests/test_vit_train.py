@@ -513,7 +513,7 @@ def test_bad_input_is_one_clear_error(tmp_path, case, flags, message):
 def test_an_earlier_run_is_not_overwritten_without_resume(trained, digits):
     output, _ = trained
     before = (output / "checkpoint.pth").read_bytes()
-    with pytest.raises(UsageError, match=f"{output} already holds a checkpoint: continue it with --resume"):
+    with pytest.raises(UsageError, match=f"{output} already holds a run (.*): continue it with --resume"):
         run_train(digits, output, "--epochs", "1")
     assert (output / "checkpoint.pth").read_bytes() == before
 

@@ -419,7 +419,7 @@ def train(args) -> List[Dict[str, Any]]:
         check_output_run(args)
         return run_training(args, d, micro_batch)
     finally:
-        if lock is not None:
+        if lock is not None and os.path.exists(lock):
             os.remove(lock)
         if created and not os.listdir(args.output):
             os.rmdir(args.output)

@@ -77,6 +77,15 @@ def parse_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def broadcast_from_main(value: Any, d: Dist) -> Any:
+    """The main rank's ``value`` (any picklable object), on every rank."""
+    if d.world_size == 1:
+        return value
+    values = [value]
+    dist.broadcast_object_list(values, src=0)
+    return values[0]
+
+
 def all_reduce_sum(values: List[float], d: Dist) -> List[float]:
     if d.world_size == 1:
         return values

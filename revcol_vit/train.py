@@ -49,6 +49,7 @@ from .runtime import (
     Dist,
     all_reduce_sum,
     all_rng_states,
+    broadcast_from_main,
     check_checkpoint_fits,
     compile_model,
     copy_checkpoint,
@@ -410,13 +411,18 @@ def train(args) -> List[Dict[str, Any]]:
     if args.amp == "fp16" and d.device.type != "cuda":
         raise UsageError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
     micro_batch = check_batch(args, d)
-    if not d.is_main:
-        return run_training(args, d, micro_batch)
-    created = make_output_folder(args.output)
-    lock = None
+    created, lock, error = False, None, None
     try:
-        lock = lock_folder(args.output, _logger)
-        check_output_run(args)
+        if d.is_main:
+            try:
+                created = make_output_folder(args.output)
+                lock = lock_folder(args.output, _logger)
+                check_output_run(args)
+            except UsageError as e:
+                error = str(e)
+        error = broadcast_from_main(error, d)  # every rank stops on the main rank's error, none waits for it
+        if error is not None:
+            raise UsageError(error)
         return run_training(args, d, micro_batch)
     finally:
         if lock is not None and os.path.exists(lock):

@@ -6,6 +6,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 from PIL import Image
 from timm.data import (
     IMAGENET_DEFAULT_MEAN,
@@ -111,6 +112,18 @@ def image_folder(root: str, split: str, transform, classes: Optional[Sequence[st
     return dataset
 
 
+def label_by_top_folder_in_tar(dataset: ImageDataset) -> None:
+    """Labels the images of a tar split by their top-level folder in the tar, as ``image_folder`` does (timm's tar
+    reader labels by the innermost one); images at the top of the tar belong to no class."""
+    reader = dataset.reader
+    tops = [os.path.normpath(sample[0].path).split("/") for sample in reader.samples]
+    class_to_idx = {c: i for i, c in enumerate(sorted({top[0] for top in tops if len(top) > 1}, key=natural_key))}
+    keep = [i for i, top in enumerate(tops) if len(top) > 1]
+    reader.samples = [reader.samples[i] for i in keep]
+    reader.targets = np.array([class_to_idx[tops[i][0]] for i in keep], dtype=reader.targets.dtype)
+    reader.class_name_to_idx = class_to_idx
+
+
 def open_splits(name: str, root: str, transforms: Dict[str, Any]) -> Tuple[Dict[str, ImageDataset], List[str]]:
     """The splits (split -> transform) of a data set through timm's ``create_dataset``, and its class names.
 
@@ -144,6 +157,8 @@ def open_splits(name: str, root: str, transforms: Dict[str, Any]) -> Tuple[Dict[
         if not isinstance(dataset, ImageDataset):
             raise UsageError(f"--dataset {name!r} is not a map-style timm ImageDataset (streaming and torchvision "
                              f"datasets are not supported)")
+        if not name:
+            label_by_top_folder_in_tar(dataset)
         mapping = getattr(dataset.reader, "class_to_idx", None) or getattr(dataset.reader, "class_name_to_idx", {})
         classes[split] = sorted(mapping, key=mapping.get)
         datasets[split] = dataset

@@ -172,6 +172,18 @@ def test_an_image_belongs_to_its_top_level_class_folder_at_any_depth(tmp_path):
     history = train(parse_args(argv(root, tmp_path / "out", "--epochs", "1")))  # 16 images, 4 steps
     assert history[0]["step"] == 4
 
+    tars = tmp_path / "tars"  # the same splits as tar files
+    tars.mkdir()
+    for split in ("train", "val"):
+        with tarfile.open(tars / f"{split}.tar", "w") as tar:
+            tar.add(root / split, arcname=".")
+    splits, classes = open_splits("", str(tars), {"train": None, "val": None})
+    assert classes == ["a", "b", "c"]
+    for split, dataset in splits.items():
+        names = [os.path.normpath(dataset.reader.samples[i][0].path) for i in range(len(dataset))]
+        assert len(names) == 4 * (4 if split == "train" else 2)
+        assert [int(label) for label in dataset.reader.targets] == [classes.index(n.split("/")[0]) for n in names]
+
 
 # --- output folders ---------------------------------------------------------------------------------------------------
 

@@ -304,8 +304,11 @@ def lock_folder(folder: str, logger: logging.Logger) -> str:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            with open(path) as f:
-                owner = f.read().strip()
+            try:
+                with open(path) as f:
+                    owner = f.read().strip()
+            except FileNotFoundError:  # its run just ended
+                continue
             if _lock_owner_is_running(owner):
                 raise UsageError(f"--output {folder} is in use by another run (process and host in {path}: "
                                  f"{owner or 'none yet'}); remove {path} if no run uses the folder") from None
@@ -320,7 +323,8 @@ def lock_folder(folder: str, logger: logging.Logger) -> str:
     raise UsageError(f"--output {folder} is in use by another run (it took over {path} at the same time)")
 
 
-def same_folder(a: str, b: str) -> bool:
+def same_path(a: str, b: str) -> bool:
+    """Whether two paths name the same file or folder (links resolved)."""
     return os.path.realpath(a) == os.path.realpath(b)
 
 

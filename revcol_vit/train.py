@@ -63,7 +63,7 @@ from .runtime import (
     remove_epoch_checkpoints,
     run_cli,
     run_files,
-    same_folder,
+    same_path,
     save_checkpoint,
     seed_all,
     set_rng_state,
@@ -338,7 +338,7 @@ def check_output_run(args) -> None:
         hint = f"continue it with --resume {latest}" if CHECKPOINT_NAME in files else "remove them to start afresh"
         raise UsageError(f"{args.output} already holds a run ({', '.join(files)}): {hint}, or train into another "
                          f"--output")
-    if not same_folder(os.path.dirname(args.resume) or ".", args.output):
+    if not same_path(os.path.dirname(args.resume) or ".", args.output):
         raise UsageError(f"--output {args.output} holds another run ({', '.join(files)}) than --resume "
                          f"{args.resume}: resume from a checkpoint in {args.output}, or train into another --output")
 
@@ -358,7 +358,7 @@ def check_resume(args, ckpt: Dict[str, Any], classes: List[str]) -> None:
     epoch than the run reached, unless ``--rewind``."""
     model_args = {name: getattr(args, name) for name in ("img_size", *MODEL_FLAGS)}
     check_checkpoint_fits(ckpt, args.resume, args.model, model_args, classes)
-    if not same_folder(os.path.dirname(args.resume) or ".", args.output):
+    if not same_path(os.path.dirname(args.resume) or ".", args.output):
         return
     latest = latest_epoch(args.output)
     if latest > ckpt["epoch"] and not args.rewind:
@@ -377,11 +377,11 @@ def rewind(args, ckpt: Dict[str, Any]) -> None:
             os.remove(os.path.join(args.output, name))
             removed.append(name)
     best = os.path.join(args.output, BEST_CHECKPOINT_NAME)
-    if os.path.isfile(best) and not same_file(best, args.resume) and load_checkpoint(best)["epoch"] > epoch:
+    if os.path.isfile(best) and not same_path(best, args.resume) and load_checkpoint(best)["epoch"] > epoch:
         os.remove(best)
         removed.append(BEST_CHECKPOINT_NAME)
     latest = os.path.join(args.output, CHECKPOINT_NAME)
-    if not (os.path.isfile(latest) and same_file(latest, args.resume)):
+    if not (os.path.isfile(latest) and same_path(latest, args.resume)):
         copy_checkpoint(args.resume, latest)
     write_csv(ckpt["history"], os.path.join(args.output, LOG_NAME))
     _logger.warning("rewinding %s to epoch %d (--rewind): removed %s; %s is now epoch %d's; log.csv cut to %d rows",
@@ -389,13 +389,9 @@ def rewind(args, ckpt: Dict[str, Any]) -> None:
                     len(ckpt["history"]))
 
 
-def same_file(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
 def log_schedule_changes(args, ckpt: Dict[str, Any]) -> None:
     trained = ckpt["args"]
-    changed = [f"--{name.replace('_', '-')} {trained[name]} -> {getattr(args, name)}" for name in SCHEDULE_FLAGS
+    changed = [f"--{name.replace('_', '-')} {trained.get(name)} -> {getattr(args, name)}" for name in SCHEDULE_FLAGS
                if trained.get(name) != getattr(args, name)]
     if changed:
         _logger.warning("the lr schedule follows this run's flags from step %d on, not the checkpoint's: %s",

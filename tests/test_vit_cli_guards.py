@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import revcol_vit.runtime as runtime
 import revcol_vit.train as train_module
 from revcol import write_atomically
 from revcol_vit.config import UsageError
@@ -297,11 +298,20 @@ def output_case(tmp_path: Path, case: str) -> str:
     ("under a file", "--output {} cannot be created (Not a directory)"),
     ("read-only", "--output {} cannot be created (Permission denied)"),
     ("empty", "--output is empty: give a folder"),
+    ("read-only disk", "--output {} cannot be created (Read-only file system)"),
 ])
-def test_bad_output_is_one_line_before_the_data_is_read(data, tmp_path, capsys, no_data_read, case, message):
+def test_bad_output_is_one_line_before_the_data_is_read(data, tmp_path, capsys, monkeypatch, no_data_read, case,
+                                                       message):
     if case == "read-only" and os.geteuid() == 0:
         pytest.skip("root writes into read-only folders")
     output = output_case(tmp_path, case)
+    if case == "read-only disk":  # what os.makedirs raises there, which a test cannot mount
+        output = str(tmp_path / "run")
+
+        def makedirs_on_a_read_only_disk(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(runtime.os, "makedirs", makedirs_on_a_read_only_disk)
     error = one_error_line(capsys, train_module.main, ["--data", str(data), "--output", output, *TINY_MODEL])
     assert error == "error: " + message.format(output)
 

@@ -1,4 +1,5 @@
 """Checkpoints: safe loading with one clear error for each way a file can be wrong, and atomic writes."""
+import itertools
 import os
 import pickle
 from typing import Any, Callable
@@ -8,6 +9,7 @@ import torch
 # What safe loading says when it refuses a global (a class or function the file would call), as opposed to a
 # damaged file ("Unsupported operand", "String is too long", ...): torch/_weights_only_unpickler.py.
 REFUSALS = ("GLOBAL", "add_safe_globals", "unrecognized function")
+_write_count = itertools.count()  # with the process id, a temporary name no other write uses
 
 
 def load_plain_checkpoint(path: str) -> Any:
@@ -34,8 +36,11 @@ def load_plain_checkpoint(path: str) -> Any:
 
 def write_atomically(write: Callable[[str], Any], path: str) -> None:
     """``write(tmp_path)``, then rename over ``path``: a crash or a kill never leaves a half-written file at
-    ``path``, which keeps what it held before. A write that fails removes its temporary file."""
-    tmp = f"{path}.tmp"
+    ``path``, which keeps what it held before. A write that fails removes its temporary file.
+
+    The temporary name is unique to the process and the call, so that writes of the same ``path`` by two processes
+    (or two calls) never take each other's temporary file."""
+    tmp = f"{path}.{os.getpid()}-{next(_write_count)}.tmp"
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -181,6 +181,21 @@ def _show(value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else repr(value)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, with a key given twice in one mapping as an error (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = str(self.construct_object(key_node, deep=deep)).replace("-", "_")
+            if key in keys:
+                raise yaml.constructor.ConstructorError(None, None, f"{key} is given twice "
+                                                                    f"(line {key_node.start_mark.line + 1})",
+                                                        key_node.start_mark)
+            keys.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml_recipe(path: str, parser: Parser) -> Dict[str, Any]:
     """Reads a flat YAML mapping of option names (``batch_size`` or ``batch-size``) to values.
 
@@ -188,15 +203,21 @@ def load_yaml_recipe(path: str, parser: Parser) -> Dict[str, Any]:
     is checked against the option's schema, as its flag is.
     """
     try:
-        with open(path) as f:
-            recipe = yaml.safe_load(f) or {}
+        with open(path, "rb") as f:
+            data = f.read()
+        recipe = yaml.load(data.decode("utf-8"), Loader=_UniqueKeyLoader) or {}
     except OSError as e:
         raise UsageError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UsageError(f"config {path} is not UTF-8 text (line {line})") from None
     except yaml.YAMLError as e:
         raise UsageError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(recipe, dict):
         raise UsageError(f"config {path} must be a mapping of option names to values")
     recipe = {str(key).replace("-", "_"): value for key, value in recipe.items()}
+    if "config" in recipe:
+        raise UsageError(f"config {path} names another config file; recipes do not nest: give one --config")
     unknown = sorted(set(recipe) - set(parser.schema))
     if unknown:
         raise UsageError(f"config {path} has unknown options: {', '.join(unknown)}")
@@ -239,9 +260,11 @@ TRAIN_OPTIONS: Dict[Optional[str], Dict[str, Option]] = {
         initial_checkpoint=Option(optional=True, help="fine-tune: start from the weights (the EMA's if any) of this "
                                                       "checkpoint; a new head for other classes, the position "
                                                       "embedding resampled to --img-size; no optimizer state"),
+        rewind=Option(bool, help="--resume from an earlier epoch of the run in --output: remove its later epochs' "
+                                 "checkpoints and log rows, and continue from there"),
         keep_last=Option(int, at_least=0, help="also keep the checkpoints of the last N epochs, "
                                                "checkpoint_epoch<E>.pth (default 0: none)"),
-        seed=Option(int, at_least=0),
+        seed=Option(int, at_least=0, at_most=2**32 - 1),
     ),
     "model (unset sizes keep the model's own)": dict(
         model=Option(),

@@ -1,10 +1,12 @@
 """Image folders in ImageNet layout (``<split>/<class>/<image>``): classes, transforms and loaders."""
 import io
 import os
+import tarfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 from PIL import Image
 from timm.data import (
     IMAGENET_DEFAULT_MEAN,
@@ -41,11 +43,16 @@ def list_classes(root: str, splits: Sequence[str] = ("train", "val")) -> List[st
         if not names:
             raise UsageError(f"{folder} has no class folders")
         for name in names:
-            files = os.scandir(os.path.join(folder, name))
-            if not any(os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS for entry in files):
+            if not has_images(os.path.join(folder, name)):
                 raise UsageError(f"class folder {os.path.join(folder, name)} has no images")
         classes[split] = names
     return same_classes(classes, root)
+
+
+def has_images(folder: str) -> bool:
+    """Whether ``folder`` holds an image at any depth (timm's reader follows links too)."""
+    return any(os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+               for _, _, files in os.walk(folder, followlinks=True) for name in files)
 
 
 def same_classes(classes: Dict[str, List[str]], root: str) -> List[str]:
@@ -77,14 +84,44 @@ def train_transform(img_size: int, *, scale: Tuple[float, float], ratio: Tuple[f
                             re_prob=reprob, re_mode="pixel", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
+def check_augment_policy(policy: str) -> None:
+    """``--aa``: a policy string timm's transforms take (timm asserts on others when the transform is built)."""
+    try:
+        create_transform(32, is_training=True, auto_augment=policy)
+    except (AssertionError, KeyError, ValueError):
+        raise UsageError(f"argument --aa: {policy!r} is no timm auto-augment policy (rand-m9-mstd0.5-inc1, "
+                         f"augmix-m5-w4-d2, original, v0, 3a, ... or none)") from None
+
+
 def eval_transform(img_size: int, *, interpolation: str, crop_pct: float):
     """Resize to ``img_size / crop_pct``, then center crop ``img_size``."""
     return create_transform(img_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct,
                             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
-def image_folder(root: str, split: str, transform) -> Dataset:
-    return create_dataset("", root=os.path.join(root, split), search_split=False, transform=transform)
+def image_folder(root: str, split: str, transform, classes: Optional[Sequence[str]] = None) -> Dataset:
+    """The images of ``root/split``, each labelled by its top-level class folder (of ``classes``, by default every
+    class folder) at any depth below it, as torchvision's ImageFolder does: timm's reader labels by the innermost
+    folder, which would make ``a/c/x.png`` class c. Images directly in ``root/split`` belong to no class."""
+    folder = os.path.join(root, split)
+    dataset = create_dataset("", root=folder, search_split=False, transform=transform)
+    class_to_idx = {name: i for i, name in enumerate(classes or list_classes(root, (split,)))}
+    labelled = ((path, os.path.relpath(path, folder).split(os.sep)[0]) for path, _ in dataset.reader.samples)
+    dataset.reader.samples = [(path, class_to_idx[name]) for path, name in labelled if name in class_to_idx]
+    dataset.reader.class_to_idx = class_to_idx
+    return dataset
+
+
+def label_by_top_folder_in_tar(dataset: ImageDataset) -> None:
+    """Labels the images of a tar split by their top-level folder in the tar, as ``image_folder`` does (timm's tar
+    reader labels by the innermost one); images at the top of the tar belong to no class."""
+    reader = dataset.reader
+    tops = [os.path.normpath(sample[0].path).split("/") for sample in reader.samples]
+    class_to_idx = {c: i for i, c in enumerate(sorted({top[0] for top in tops if len(top) > 1}, key=natural_key))}
+    keep = [i for i, top in enumerate(tops) if len(top) > 1]
+    reader.samples = [reader.samples[i] for i in keep]
+    reader.targets = np.array([class_to_idx[tops[i][0]] for i in keep], dtype=reader.targets.dtype)
+    reader.class_name_to_idx = class_to_idx
 
 
 def open_splits(name: str, root: str, transforms: Dict[str, Any]) -> Tuple[Dict[str, ImageDataset], List[str]]:
@@ -98,8 +135,14 @@ def open_splits(name: str, root: str, transforms: Dict[str, Any]) -> Tuple[Dict[
     """
     tars = {split: os.path.join(root, f"{split}.tar") for split in transforms}
     if not name and not all(os.path.isfile(tar) for tar in tars.values()):
+        given = [split for split, tar in tars.items() if os.path.isfile(tar)]
+        missing = [split for split in transforms if split not in given and not os.path.isdir(os.path.join(root, split))]
+        if given and missing:
+            raise UsageError(f"data directory {root} has {', '.join(s + '.tar' for s in given)} but no "
+                             f"{', '.join(s + '.tar' for s in missing)} (a tar of <class>/<image> per split, or "
+                             f"a folder per split)")
         classes = list_classes(root, splits=tuple(transforms))
-        return {split: image_folder(root, split, tf) for split, tf in transforms.items()}, classes
+        return {split: image_folder(root, split, tf, classes) for split, tf in transforms.items()}, classes
     datasets, classes = {}, {}
     for split, transform in transforms.items():
         try:
@@ -107,11 +150,15 @@ def open_splits(name: str, root: str, transforms: Dict[str, Any]) -> Tuple[Dict[
                 dataset = create_dataset(name, root=root, split=split, transform=transform)
             else:
                 dataset = create_dataset("", root=tars[split], search_split=False, transform=transform)
+        except tarfile.ReadError as e:
+            raise UsageError(f"{tars[split]} is not a readable tar file ({e})") from None
         except (AssertionError, ImportError, RuntimeError, ValueError) as e:  # what timm raises for a bad name/root
             raise UsageError(f"--dataset {name!r} cannot open split {split} of {root}: {e}") from None
         if not isinstance(dataset, ImageDataset):
             raise UsageError(f"--dataset {name!r} is not a map-style timm ImageDataset (streaming and torchvision "
                              f"datasets are not supported)")
+        if not name:
+            label_by_top_folder_in_tar(dataset)
         mapping = getattr(dataset.reader, "class_to_idx", None) or getattr(dataset.reader, "class_name_to_idx", {})
         classes[split] = sorted(mapping, key=mapping.get)
         datasets[split] = dataset
@@ -140,10 +187,13 @@ def scan(dataset, threads: int) -> List[Tuple[bool, int]]:
 
     def check(index: int) -> Tuple[bool, int]:
         with lock:
-            sample, label = dataset.reader[index][:2]
-            if hasattr(sample, "read"):  # the folder and tar readers give an open file
-                with sample:
-                    sample = sample.read()
+            try:
+                sample, label = dataset.reader[index][:2]
+                if hasattr(sample, "read"):  # the folder and tar readers give an open file
+                    with sample:
+                        sample = sample.read()
+            except OSError:  # a file that cannot be opened or read, such as a dangling symbolic link
+                return False, -1
         # Other readers (hfds/) may give the bytes, or an image their library has decoded already.
         return decodes(sample) if isinstance(sample, bytes) else True, int(label)
 

@@ -65,6 +65,8 @@ class RevColViT(nn.Module):
         super().__init__()
         img_size = to_2tuple(img_size)
         _check_args(img_size, patch_size, global_pool)
+        if int(embed_dim * mlp_ratio) < 1:  # the MLP's hidden width, as the blocks compute it
+            raise ValueError(f"mlp_ratio {mlp_ratio} x embed_dim {embed_dim} leaves the MLP no hidden unit")
         self.img_size = img_size
         self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.num_classes = num_classes

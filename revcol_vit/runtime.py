@@ -1,10 +1,12 @@
 """What the CLIs share around the loop: device and ranks, RNG states, models, checkpoints, logs and evaluation."""
 import csv
+import errno
 import logging
 import os
 import random
 import re
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
@@ -27,6 +29,8 @@ EPOCH_CHECKPOINT = re.compile(r"checkpoint_epoch(\d+)\.pth")  # --keep-last N ke
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "ema", "step", "epoch", "args", "model_kwargs",
                    "classes", "history", "rng")  # what train() writes, and validate() and --resume read
 LOG_NAME = "log.csv"
+TENSORBOARD_NAME = "tensorboard"
+LOCK_NAME = "train.lock"  # held by the run that writes the folder: its process id and host
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
@@ -49,12 +53,37 @@ def setup_distributed(device: Optional[str]) -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = parse_device(device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(dist.get_rank() if world_size > 1 else 0, world_size, device)
+
+
+def parse_device(name: str, local_rank: int) -> torch.device:
+    """``--device``: "cuda" without an index is this rank's GPU (cuda:LOCAL_RANK)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:<index>, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available here")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: no GPU {device.index} here ({torch.cuda.device_count()} visible)")
+    return device
+
+
+def broadcast_from_main(value: Any, d: Dist) -> Any:
+    """The main rank's ``value`` (any picklable object), on every rank."""
+    if d.world_size == 1:
+        return value
+    values = [value]
+    dist.broadcast_object_list(values, src=0)
+    return values[0]
 
 
 def all_reduce_sum(values: List[float], d: Dist) -> List[float]:
@@ -70,7 +99,7 @@ def all_reduce_sum(values: List[float], d: Dist) -> List[float]:
 def seed_all(seed: int) -> None:
     """Python's, NumPy's and torch's generators."""
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # NumPy takes 32 bits; a seed near 2**32 - 1 plus the rank goes past them
     torch.manual_seed(seed)
 
 
@@ -150,8 +179,24 @@ def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp_dtype: Optional[
 
 # --- checkpoints and logs -------------------------------------------------------------------------------------------
 
+def write_run_file(write: Callable[[str], Any], path: str) -> None:
+    """``write_atomically``, with a full disk as one line naming the file (the file keeps what it held before)."""
+    try:
+        write_atomically(write, path)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise UsageError(f"no space left on the device to write {path} ({e.strerror})") from None
+    except RuntimeError as e:  # torch.save reports a failed write as an "enforce fail" of its zip writer
+        if "write" not in str(e) and "unexpected pos" not in str(e):
+            raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise UsageError(f"no space left on the device to write {path} ({free / 2**20:.0f} MiB free; torch: "
+                         f"{str(e).splitlines()[0]})") from None
+
+
 def save_checkpoint(state: Dict[str, Any], path: str) -> None:
-    write_atomically(lambda tmp: torch.save(state, tmp), path)
+    write_run_file(lambda tmp: torch.save(state, tmp), path)
 
 
 def copy_checkpoint(src: str, dst: str) -> None:
@@ -163,7 +208,7 @@ def copy_checkpoint(src: str, dst: str) -> None:
         except OSError:  # no hard links on this file system, or a temporary file that a crash left
             shutil.copyfile(src, tmp)
 
-    write_atomically(link, dst)
+    write_run_file(link, dst)
 
 
 def epoch_checkpoint_path(folder: str, epoch: int) -> str:
@@ -198,12 +243,114 @@ def write_csv(rows: List[Dict[str, Any]], path: str) -> None:
             writer.writeheader()
             writer.writerows(rows)
 
-    write_atomically(write, path)
+    write_run_file(write, path)
 
 
 def tensorboard_writer(folder: str, purge_step: Optional[int]):
     from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
     return SummaryWriter(folder, purge_step=purge_step)
+
+
+# --- output folders -------------------------------------------------------------------------------------------------
+
+def make_output_folder(path: str) -> bool:
+    """Creates the ``--output`` folder (and its parents) if needed; returns whether it was created. Any way it cannot
+    be is one line, before the data is read."""
+    if not path:
+        raise UsageError("--output is empty: give a folder")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--output {path} is a file, not a folder")
+    created = not os.path.isdir(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output {path} cannot be created ({e.strerror})") from None
+    return created
+
+
+def run_files(folder: str) -> List[str]:
+    """The files a training run leaves in ``folder``: checkpoints, the log and the TensorBoard folder."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [name for name in names
+            if (name.startswith("checkpoint") and name.endswith(".pth")) or name in (LOG_NAME, TENSORBOARD_NAME)]
+
+
+def _lock_owner_is_running(owner: str) -> bool:
+    """Whether the process a lock file names ("<pid> <host>") runs; a lock of another host, or one not (yet)
+    readable, counts as held."""
+    try:
+        pid, host = owner.split()
+        pid = int(pid)
+    except ValueError:
+        return True
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def lock_folder(folder: str, logger: logging.Logger) -> str:
+    """Takes the folder's exclusive lock file (created with O_EXCL, so only one run gets it); returns its path.
+
+    Another running process's lock is one line. A lock whose process no longer runs (a killed run) is taken over.
+    """
+    path = os.path.join(folder, LOCK_NAME)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = f.read().strip()
+            except FileNotFoundError:  # its run just ended
+                continue
+            if _lock_owner_is_running(owner):
+                raise UsageError(f"--output {folder} is in use by another run (process and host in {path}: "
+                                 f"{owner or 'none yet'}); remove {path} if no run uses the folder") from None
+            logger.warning("taking over %s from process %s, which no longer runs", path, owner.split()[0])
+            os.remove(path)
+            continue
+        except OSError as e:
+            raise UsageError(f"--output {folder} is not writable ({e.strerror})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        return path
+    raise UsageError(f"--output {folder} is in use by another run (it took over {path} at the same time)")
+
+
+def same_path(a: str, b: str) -> bool:
+    """Whether two paths name the same file or folder (links resolved)."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_checkpoint_fits(ckpt: Dict[str, Any], path: str, model: str, model_args: Optional[Dict[str, Any]] = None,
+                          classes: Optional[List[str]] = None) -> None:
+    """One line naming what differs between a checkpoint and this run: the model, the model flags ``model_args``
+    (flag name -> value, as the checkpoint's args hold them) and the class names, of those given."""
+    trained = ckpt["args"]
+    differ = [f"model {trained['model']}, not {model}"] if trained["model"] != model else []
+    for name, value in (model_args or {}).items():
+        if trained.get(name) != value:
+            differ.append(f"--{name.replace('_', '-')} {_flag_value(trained.get(name))}, not {_flag_value(value)}")
+    if classes is not None and classes != ckpt["classes"]:
+        differ.append(f"classes {_names(ckpt['classes'])}, not the data's {_names(classes)}")
+    if differ:
+        raise UsageError(f"checkpoint {path} holds {'; '.join(differ)}")
+
+
+def _names(names: List[str]) -> str:
+    return ", ".join(names[:5]) + (f" ... ({len(names)} in all)" if len(names) > 5 else "")
+
+
+def _flag_value(value: Any) -> str:
+    if value is None:
+        return "unset"
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 # --- command line ---------------------------------------------------------------------------------------------------

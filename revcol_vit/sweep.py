@@ -7,10 +7,13 @@ Trains every variant with one recipe (the flags of ``revcol_vit.train``), then w
                          --img-size 32 --patch-size 8 --epochs 5 --batch-size 32 --lr-base-batch 32 --workers 0
     ImageNet, GPUs:  torchrun --nproc_per_node 8 -m revcol_vit.sweep --data /imagenet --output runs/sweep --amp bf16
 
-A variant whose output folder already holds a checkpoint continues from it, so a stopped sweep picks up where it was.
+A variant whose output folder already holds a checkpoint continues from it, so a stopped sweep picks up where it was
+(with this run's schedule flags, as ``--resume`` does). A rerun updates its variants' rows of ``sweep.csv`` and keeps
+the others.
 """
 import argparse
 import copy
+import csv
 import os
 from typing import Any, Dict, List, Optional
 
@@ -25,7 +28,15 @@ from revcol.memory import PeakBytes
 from .config import Option, Parser, UsageError
 from .data import open_splits
 from .model import VARIANTS
-from .runtime import CHECKPOINT_NAME, count_parameters, create_model, run_cli, setup_distributed, write_csv
+from .runtime import (
+    CHECKPOINT_NAME,
+    count_parameters,
+    create_model,
+    make_output_folder,
+    run_cli,
+    setup_distributed,
+    write_csv,
+)
 from .train import build_parser, model_kwargs, parse_args, train
 
 SWEEP_VARIANTS = ("1x32", "2x16", "4x8", "8x4")
@@ -111,6 +122,23 @@ def plot(rows: List[Dict[str, Any]], title: str, path: str) -> None:
     write_atomically(lambda tmp: fig.savefig(tmp, format="png", dpi=120), path)
 
 
+def read_rows(path: str) -> List[Dict[str, Any]]:
+    """The rows of an earlier run's sweep.csv (none if there is none), numbers as numbers."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return [{key: _number(value) for key, value in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def sweep(args) -> List[Dict[str, Any]]:
     if args.model is not None:
         raise UsageError("the sweep sets the model per variant; drop --model")
@@ -124,8 +152,11 @@ def sweep(args) -> List[Dict[str, Any]]:
         except ValueError as e:
             raise UsageError(str(e)) from None
     d = setup_distributed(args.device)
+    if d.is_main:
+        make_output_folder(args.output)
     num_classes = len(open_splits(args.dataset, args.data, {"train": None, "val": None})[1])
-    rows = []
+    sweep_csv = os.path.join(args.output, "sweep.csv")
+    rows_by_variant = {row["variant"]: row for row in read_rows(sweep_csv)}  # of earlier runs, which a rerun keeps
     for variant in args.variants:
         run = argparse.Namespace(**vars(args))
         run.model = f"revcol_vit_b_{variant}"
@@ -143,8 +174,10 @@ def sweep(args) -> List[Dict[str, Any]]:
         if "ema_top1" in last:
             row["ema_top1"] = last["ema_top1"]
         row.update(measure(run, num_classes, history))
-        rows.append(row)
-        write_csv(rows, os.path.join(args.output, "sweep.csv"))
+        rows_by_variant[variant] = row
+        rows = [rows_by_variant[v] for v in SWEEP_VARIANTS if v in rows_by_variant]
+        write_csv(rows, sweep_csv)
+    rows = [rows_by_variant[v] for v in SWEEP_VARIANTS if v in rows_by_variant]
     if d.is_main:
         title = f"RevCol-ViT, 32 blocks in all: {os.path.basename(os.path.normpath(args.data))}, {args.epochs} epochs"
         plot(rows, title, os.path.join(args.output, "sweep.png"))

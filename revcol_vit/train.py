@@ -7,6 +7,7 @@ Several GPUs:   torchrun --nproc_per_node 8 -m revcol_vit.train --data /imagenet
 with a checkpoint (model, optimizer, scheduler, EMA, grad scaler, RNG states of every rank) that ``--resume``
 continues from exactly: the data order of an epoch depends only on the seed and the epoch.
 """
+import csv
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ from . import hierarchical
 from .config import IMAGENET_1K, TRAIN_OPTIONS, Parser, UsageError, check_options, load_yaml_recipe
 from .data import (
     DEFAULT_WORKERS,
+    check_augment_policy,
     drop_undecodable,
     eval_loader,
     eval_transform,
@@ -46,10 +48,14 @@ from .runtime import (
     AMP_DTYPES,
     BEST_CHECKPOINT_NAME,
     CHECKPOINT_NAME,
+    EPOCH_CHECKPOINT,
     LOG_NAME,
+    TENSORBOARD_NAME,
     Dist,
     all_reduce_sum,
     all_rng_states,
+    broadcast_from_main,
+    check_checkpoint_fits,
     compile_model,
     copy_checkpoint,
     count_parameters,
@@ -57,8 +63,12 @@ from .runtime import (
     epoch_checkpoint_path,
     evaluate,
     load_checkpoint,
+    lock_folder,
+    make_output_folder,
     remove_epoch_checkpoints,
     run_cli,
+    run_files,
+    same_path,
     save_checkpoint,
     seed_all,
     set_rng_state,
@@ -82,7 +92,7 @@ def build_parser() -> Parser:
                       "docs/vit_training.md).")
     defaults = dict(IMAGENET_1K, output="runs/revcol_vit", seed=0, model="revcol_vit_s", accum_steps=1, amp="none",
                     workers=DEFAULT_WORKERS, compile=False, skip_bad_images=False, keep_last=0, dataset="",
-                    log_interval=100)
+                    log_interval=100, rewind=False)
     for title, options in TRAIN_OPTIONS.items():
         p.add_options(title, options, **defaults)
     return p
@@ -105,6 +115,8 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[Parser] = None
             check_gamma_init(args.gamma_init, args.columns or VARIANTS.get(args.model, {}).get("num_columns", 1))
         except ValueError as e:
             raise UsageError(str(e)) from None
+    if args.aa != "none":
+        check_augment_policy(args.aa)
     return args
 
 
@@ -125,8 +137,7 @@ def model_kwargs(args, num_classes: int) -> Dict[str, Any]:
 def initial_weights(path: str, model_name: str) -> Dict[str, Any]:
     """The checkpoint ``--initial-checkpoint`` names: a revcol_vit.train checkpoint of ``model_name``."""
     ckpt = load_checkpoint(path)
-    if ckpt["args"]["model"] != model_name:
-        raise UsageError(f"--initial-checkpoint {path} holds {ckpt['args']['model']}, not {model_name}")
+    check_checkpoint_fits(ckpt, path, model_name)
     return ckpt
 
 
@@ -231,11 +242,13 @@ class Training:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"])
         self.num_updates = state["step"]
+        # The schedule is this run's (its flags may differ from the checkpoint's), at the resumed step, as timm's
+        # train.py does: unchanged flags give the lr the checkpoint's schedule would.
+        self.scheduler.step_update(self.num_updates)
 
     @property
     def lr(self) -> float:
@@ -376,21 +389,120 @@ def keep_checkpoints(args, history: List[Dict[str, Any]], checkpoint: str, best_
         remove_epoch_checkpoints(args.output, before=epoch - args.keep_last + 1)
 
 
+SCHEDULE_FLAGS = ("epochs", "warmup_epochs", "lr", "lr_base_batch", "batch_size", "min_lr", "warmup_lr")
+
+
+def check_output_run(args) -> None:
+    """The output folder holds no run files, or those of the run ``--resume`` continues (a checkpoint in it)."""
+    files = run_files(args.output)
+    if not files:
+        return
+    if not args.resume:
+        latest = os.path.join(args.output, CHECKPOINT_NAME)
+        hint = f"continue it with --resume {latest}" if CHECKPOINT_NAME in files else "remove them to start afresh"
+        raise UsageError(f"{args.output} already holds a run ({', '.join(files)}): {hint}, or train into another "
+                         f"--output")
+    if not same_path(os.path.dirname(args.resume) or ".", args.output):
+        raise UsageError(f"--output {args.output} holds another run ({', '.join(files)}) than --resume "
+                         f"{args.resume}: resume from a checkpoint in {args.output}, or train into another --output")
+
+
+def latest_epoch(folder: str) -> int:
+    """The last epoch the run in ``folder`` finished: its log's, or its kept epoch checkpoints' (0 if none)."""
+    epochs = [int(match.group(1)) for match in map(EPOCH_CHECKPOINT.fullmatch, os.listdir(folder)) if match]
+    log = os.path.join(folder, LOG_NAME)
+    if os.path.isfile(log):
+        with open(log, newline="") as f:
+            epochs += [int(row["epoch"]) for row in csv.DictReader(f) if row.get("epoch", "").isdigit()]
+    return max(epochs, default=0)
+
+
+def check_resume(args, ckpt: Dict[str, Any], classes: List[str]) -> None:
+    """The checkpoint ``--resume`` names is of this model and these classes, and (in the output folder) not an earlier
+    epoch than the run reached, unless ``--rewind``."""
+    model_args = {name: getattr(args, name) for name in ("img_size", *MODEL_FLAGS)}
+    check_checkpoint_fits(ckpt, args.resume, args.model, model_args, classes)
+    if not same_path(os.path.dirname(args.resume) or ".", args.output):
+        return
+    latest = latest_epoch(args.output)
+    if latest > ckpt["epoch"] and not args.rewind:
+        raise UsageError(f"--resume {args.resume} is epoch {ckpt['epoch']} of the run in {args.output}, which has "
+                         f"reached epoch {latest}: give --rewind to remove epochs {ckpt['epoch'] + 1}-{latest} "
+                         f"and continue from epoch {ckpt['epoch']}")
+
+
+def rewind(args, ckpt: Dict[str, Any]) -> None:
+    """Removes what the run in the output folder wrote after the epoch of ``--resume``: later epoch checkpoints, a
+    later best checkpoint and log rows; ``checkpoint.pth`` becomes the resumed one. One log line says what went."""
+    epoch, removed = ckpt["epoch"], []
+    for name in sorted(os.listdir(args.output)):
+        match = EPOCH_CHECKPOINT.fullmatch(name)
+        if match and int(match.group(1)) > epoch:
+            os.remove(os.path.join(args.output, name))
+            removed.append(name)
+    best = os.path.join(args.output, BEST_CHECKPOINT_NAME)
+    if os.path.isfile(best) and not same_path(best, args.resume) and load_checkpoint(best)["epoch"] > epoch:
+        os.remove(best)
+        removed.append(BEST_CHECKPOINT_NAME)
+    latest = os.path.join(args.output, CHECKPOINT_NAME)
+    if not (os.path.isfile(latest) and same_path(latest, args.resume)):
+        copy_checkpoint(args.resume, latest)
+    write_csv(ckpt["history"], os.path.join(args.output, LOG_NAME))
+    _logger.warning("rewinding %s to epoch %d (--rewind): removed %s; %s is now epoch %d's; log.csv cut to %d rows",
+                    args.output, epoch, ", ".join(removed) or "no later checkpoint", CHECKPOINT_NAME, epoch,
+                    len(ckpt["history"]))
+
+
+def log_schedule_changes(args, ckpt: Dict[str, Any]) -> None:
+    trained = ckpt["args"]
+    changed = [f"--{name.replace('_', '-')} {trained.get(name)} -> {getattr(args, name)}" for name in SCHEDULE_FLAGS
+               if trained.get(name) != getattr(args, name)]
+    if changed:
+        _logger.warning("the lr schedule follows this run's flags from step %d on, not the checkpoint's: %s",
+                        ckpt["step"], ", ".join(changed))
+
+
 def train(args) -> List[Dict[str, Any]]:
-    """Runs (or continues) training; returns one row per finished epoch, as written to log.csv."""
+    """Runs (or continues) training; returns one row per finished epoch, as written to log.csv.
+
+    The main rank checks and locks the output folder before anything is read; a run that fails before it wrote
+    anything leaves no folder it created behind."""
     d = setup_distributed(args.device)
     if args.amp == "fp16" and d.device.type != "cuda":
         raise UsageError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
     micro_batch = check_batch(args, d)
+    created, lock, error = False, None, None
+    try:
+        if d.is_main:
+            try:
+                created = make_output_folder(args.output)
+                lock = lock_folder(args.output, _logger)
+                check_output_run(args)
+            except UsageError as e:
+                error = str(e)
+        error = broadcast_from_main(error, d)  # every rank stops on the main rank's error, none waits for it
+        if error is not None:
+            raise UsageError(error)
+        return run_training(args, d, micro_batch)
+    finally:
+        if lock is not None and os.path.exists(lock):
+            os.remove(lock)
+        if created and not os.listdir(args.output):
+            os.rmdir(args.output)
+
+
+def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
     checkpoint = os.path.join(args.output, CHECKPOINT_NAME)
-    if not args.resume and os.path.exists(checkpoint):
-        raise UsageError(f"{args.output} already holds a checkpoint: continue it with --resume {checkpoint}, "
-                         f"or train into another --output")
     train_tf, eval_tf = build_transforms(args)
-    splits, classes = open_splits(args.dataset, args.data, {"train": train_tf, "val": eval_tf})
     official_format = args.initial_checkpoint and args.model in hierarchical.VARIANTS
     initial = initial_weights(args.initial_checkpoint, args.model) if args.initial_checkpoint \
         and not official_format else None
+    with torch.device("meta"):  # sizes that do not fit together are an error before the data is read
+        create_model(args.model, **(fine_tuning_kwargs(args, 1, initial) if initial else model_kwargs(args, 1)))
+    splits, classes = open_splits(args.dataset, args.data, {"train": train_tf, "val": eval_tf})
+    resumed = load_checkpoint(args.resume) if args.resume else None
+    if resumed is not None:
+        check_resume(args, resumed, classes)
     kwargs = fine_tuning_kwargs(args, len(classes), initial) if initial else model_kwargs(args, len(classes))
     seed_all(args.seed + d.rank)  # ranks draw different augmentations
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -424,8 +536,11 @@ def train(args) -> List[Dict[str, Any]]:
     mixup, criterion = build_loss(args, len(classes))
 
     start_epoch, history = 0, []
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
+    if resumed is not None:
+        ckpt = resumed
+        if d.is_main and latest_epoch(args.output) > ckpt["epoch"]:
+            rewind(args, ckpt)
+        log_schedule_changes(args, ckpt)
         t.load_state_dict(ckpt)
         start_epoch, history = ckpt["epoch"], ckpt["history"]
         if len(ckpt["rng"]) == d.world_size:
@@ -439,7 +554,7 @@ def train(args) -> List[Dict[str, Any]]:
     writer = None
     if d.is_main:
         os.makedirs(args.output, exist_ok=True)
-        writer = tensorboard_writer(os.path.join(args.output, "tensorboard"), purge_step=t.num_updates or None)
+        writer = tensorboard_writer(os.path.join(args.output, TENSORBOARD_NAME), purge_step=t.num_updates or None)
         _logger.info("%s: %.2fM parameters, %d classes, peak lr %.3g for batch %d (%d ranks x %d accumulation x %d)",
                      args.model, count_parameters(model) / 1e6, len(classes), peak_lr(args), args.batch_size,
                      d.world_size, args.accum_steps, micro_batch)

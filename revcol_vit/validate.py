@@ -10,7 +10,15 @@ from typing import Dict, List, Optional
 
 from .config import VALIDATE_OPTIONS, Parser, UsageError, check_options
 from .data import DEFAULT_WORKERS, drop_undecodable, eval_loader, eval_transform, open_splits
-from .runtime import AMP_DTYPES, create_model, evaluate, load_checkpoint, run_cli, setup_distributed
+from .runtime import (
+    AMP_DTYPES,
+    check_checkpoint_fits,
+    create_model,
+    evaluate,
+    load_checkpoint,
+    run_cli,
+    setup_distributed,
+)
 
 
 def build_parser() -> Parser:
@@ -26,19 +34,15 @@ def parse_args(argv: Optional[List[str]] = None):
 
 
 def validate(args) -> Dict[str, float]:
+    d = setup_distributed(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     trained = ckpt["args"]
-    if args.model != trained["model"]:
-        raise UsageError(f"checkpoint {args.checkpoint} holds {trained['model']}, not {args.model}")
     if args.ema and ckpt["ema"] is None:
         raise UsageError(f"checkpoint {args.checkpoint} has no EMA weights (trained with --ema-decay 0)")
     transform = eval_transform(trained["img_size"], interpolation=trained["interpolation"],
                                crop_pct=trained["crop_pct"])
     splits, classes = open_splits(trained.get("dataset", ""), args.data, {args.split: transform})
-    if classes != ckpt["classes"]:
-        raise UsageError(f"classes of {args.data} differ from the {len(ckpt['classes'])} the checkpoint was "
-                         f"trained on")
-    d = setup_distributed(args.device)
+    check_checkpoint_fits(ckpt, args.checkpoint, args.model, classes=classes)
     model = create_model(args.model, **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["ema"] if args.ema else ckpt["model"])
     model.to(d.device)

@@ -16,12 +16,13 @@ from revcol_vit.validate import parse_args as validate_parse_args
 # option: (a valid value, a value of the wrong type, a value out of range or not a choice; None where the option
 # has no range, as a path or a free-form string). Every option of the CLIs must have a row.
 TRAIN_TABLE = {
-    "config": (None, 5, None),
+    "config": (None, None, None),  # a recipe naming another is refused: test_vit_cli_guards.py
     "data": ("d", 5, None),
     "dataset": ("hfds/beans", 5, None),
     "output": ("out", ["a"], None),
     "resume": ("c.pth", 5, None),
-    "seed": (3, "x", -1),
+    "seed": (3, "x", 2**32),
+    "rewind": (True, "yes please", None),
     "keep_last": (2, "all", -1),
     "initial_checkpoint": ("c.pth", 5, None),
     "model": ("revcol_vit_b", 5, None),

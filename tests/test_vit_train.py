@@ -294,7 +294,7 @@ def test_a_checkpoint_save_killed_midway_keeps_the_previous_epoch(small_digits, 
 
 def test_best_and_last_checkpoints_validate_and_resume(small_digits, tmp_path, capsys):
     """--keep-last 2 keeps epochs 3 and 4 of 4; checkpoint_best.pth is the epoch of the best EMA top-1 (the EMA is
-    on); both are whole checkpoints that validate reads and --resume continues exactly."""
+    on); both are whole checkpoints that validate reads and --resume (--rewind: an earlier epoch) continues exactly."""
     flags = [*NO_AUGMENTATION, "--epochs", "4", "--warmup-epochs", "0", "--batch-size", "32", "--lr", "1e-3",
              "--lr-base-batch", "32", "--ema-decay", "0.5", "--keep-last", "2"]
     history = run_train(small_digits, tmp_path / "run", *flags)
@@ -310,7 +310,7 @@ def test_best_and_last_checkpoints_validate_and_resume(small_digits, tmp_path, c
                    "--data", str(small_digits), "--workers", "0", "--ema"])
     assert f"epoch {best_epoch}) on val (40 images): top-1 {best_top1:.2f}" in capsys.readouterr().out
 
-    resumed = run_train(small_digits, tmp_path / "run", *flags, "--resume",
+    resumed = run_train(small_digits, tmp_path / "run", *flags, "--rewind", "--resume",
                         str(tmp_path / "run" / "checkpoint_epoch3.pth"))
     assert resumed[3]["val_top1"] == history[3]["val_top1"]
     assert resumed[3]["train_loss"] == pytest.approx(history[3]["train_loss"], rel=1e-6)
@@ -347,7 +347,7 @@ def test_fine_tuning_at_another_resolution_on_other_classes(trained, small_digit
     validate_main(["--model", "revcol_vit_s", "--checkpoint", str(tmp_path / "tuned" / "checkpoint.pth"), "--data",
                    str(data), "--workers", "0"])
     assert "on val (20 images): top-1 " in capsys.readouterr().out
-    with pytest.raises(UsageError, match="--initial-checkpoint .* holds revcol_vit_s, not revcol_vit_b"):
+    with pytest.raises(UsageError, match="checkpoint .* holds model revcol_vit_s, not revcol_vit_b$"):
         run_train(data, tmp_path / "b", "--model", "revcol_vit_b", "--initial-checkpoint",
                   str(source_dir / "checkpoint.pth"))
 
@@ -524,7 +524,7 @@ def test_bad_input_is_one_clear_error(tmp_path, case, flags, message):
 def test_an_earlier_run_is_not_overwritten_without_resume(trained, digits):
     output, _ = trained
     before = (output / "checkpoint.pth").read_bytes()
-    with pytest.raises(UsageError, match=f"{output} already holds a checkpoint: continue it with --resume"):
+    with pytest.raises(UsageError, match=f"{output} already holds a run (.*): continue it with --resume"):
         run_train(digits, output, "--epochs", "1")
     assert (output / "checkpoint.pth").read_bytes() == before
 

@@ -108,3 +108,7 @@ def exactness(columns):
                     cells.append("{:.1e} ({:.1e})".format(
                         *difference(model, lambda: model(x).float().logsumexp(-1).sum(), True)))
                 print(f"| {name} | {variant} | {len(model.revcol.columns)} | " + " | ".join(cells) + " |")
+
+
+def run(args, device, title):
+    exactness([int(n) for n in args.columns.split(",")])

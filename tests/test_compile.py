@@ -40,7 +40,7 @@ def assert_compiled_forward_and_recompute(counter):
 
 def test_compiled_levels_with_dropout_and_drop_path_match_plain_autograd():
     # Inductor's own random kernels draw differently in the no-grad forward and in the recompute: with them
-    # the reversible gradients were off by 120% (benchmarks/compile_levels.py). The isotropic levels keep
+    # the reversible gradients were off by 120% (benchmarks/benchmark.py compile). The isotropic levels keep
     # their random ops eager.
     torch.manual_seed(0)
     eager, compiled, counter = eager_and_compiled(16, [1, 1, 1, 1], 3, 2, **DROPOUTS)

@@ -1,4 +1,5 @@
-"""ATen ops dispatched by one training step (forward + backward): the host-side cost of eager PyTorch.
+"""``benchmark.py ops``: ATen ops dispatched by one training step (forward + backward): the host-side cost
+of eager PyTorch.
 
 When a GPU step is launch-bound (small batches, narrow layers), its time is the number of ops times the
 host's cost per op, whatever the batch. This count is the same on any device, so it needs no GPU. The ViT
@@ -10,17 +11,9 @@ host time.
 Generation (beam 4, 8 sources of 30 tokens, output length pinned to 30) is launch-bound on a GPU too. Besides
 its ops, and those of the encoder alone, it is timed on CPU at width 64 with one thread: there the compute is
 negligible, so the time is the host's, what a launch-bound GPU waits for.
-
-    python benchmarks/op_counts.py          # a minute on CPU
 """
-import statistics
-import time
-
-import timm
 import torch
-from common import VIEW_OPS, VIT_MODELS, OpCounter, header
-
-import revcol_vit  # noqa: F401  (registers the RevCol-ViT models with timm)
+from common import VIEW_OPS, VIT_MODELS, OpCounter, create_vit, median_seconds
 
 FAIRSEQ_ARCHS = ["transformer_wmt_en_de_big", "revcol_transformer"]
 
@@ -35,9 +28,12 @@ def count(step):
 
 
 def vit_step(label):
-    name, kwargs = VIT_MODELS[label]
     with torch.device("meta"):
-        model = timm.create_model(name, num_classes=1000, **kwargs).train()
+        model = create_vit(label, num_classes=1000).train()
+    if hasattr(model, "revcol"):
+        # Which columns to keep is read from the gammas' values, which meta tensors lack; at gamma_init 0.5 the
+        # registered models keep none, so this instance answers that without reading them.
+        model.revcol._kept_columns = set
     x = torch.empty(64, 3, 224, 224, device="meta")
     y = torch.zeros(64, dtype=torch.long, device="meta")
     return lambda: torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -86,13 +82,7 @@ def generation(arch, flags=(), dict_size=32768):
 
 
 def host_ms(fn, repeats=7):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_seconds(fn, torch.device("cpu"), repeats, warmup=1)
 
 
 def generation_table():
@@ -111,9 +101,8 @@ def generation_table():
           f"it generates at {generate_big / (generate_big + encoder_rev - encoder_big):.2f}x transformer_wmt_en_de_big")
 
 
-def main():
-    torch.set_num_threads(1)
-    print(f"# {header('CPU and meta', f'timm {timm.__version__}')}: ATen ops per training step")
+def run(args, device, title):
+    print("ATen ops per training step\n")
     print("| model | ops | ops without views |\n|---|---|---|")
     rows = {}
     for label in VIT_MODELS:
@@ -131,7 +120,3 @@ def main():
             print(f"{a} / {b}: {rows[a][0] / rows[b][0]:.2f}x the ops ({rows[a][1] / rows[b][1]:.2f}x without views)")
     if all(arch in rows for arch in FAIRSEQ_ARCHS):
         generation_table()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,35 +1,28 @@
-"""Reversible against plain autograd: gradient exactness, and what the float64 stream costs.
+"""``benchmark.py numerics``: reversible against plain autograd, gradient exactness per stream.
 
 The core carries the level states in float64 (``revcol.columns.STREAM_DTYPE``) and keeps a column's states
 where the rebuild could magnify rounding past ``2**rebuild_budget_bits``. Every table compares that stream
-with a stream in the levels' own dtype, the core as it was before (the script patches the constant to
-float32 and turns the kept columns off), and for exactness also with the float64 stream alone (no kept
-columns), in one run on one machine:
+with a stream in the levels' own dtype, the core as it was before, and with the float64 stream alone (no kept
+columns), in one run on one machine: max |g_rev - g_plain| over all gradients (0 means bit-identical) and the
+relative norm, for bare isotropic columns (dim 32, blocks (1, 1, 1, 1), 4 heads, drop path and dropout on) on
+(4, 16, 32) tokens behind a Linear stem, 2 to 20 columns, gamma 0.5 (the default) and gammas driven to 0.1-0.2,
+float32 and CPU bf16 autocast; then for the registered RevCol-ViT models at 224 px, batch 2.
 
-  1. exactness: max |g_rev - g_plain| over all gradients (0 means bit-identical) and the relative norm,
-     bare isotropic columns (dim 32, blocks (1, 1, 1, 1), 4 heads, drop path and dropout on) on (4, 16, 32)
-     tokens behind a Linear stem, 2 to 20 columns, gamma 0.5 (the default) and gammas driven to 0.1-0.2;
-     float32 and CPU bf16 autocast; then the registered RevCol-ViT models at 224 px, batch 2;
-  2. memory: bytes kept for backward and the peak of live tensors over a training step (``PeakBytes``, what
-     CUDA's max_memory_allocated measures), RevCol-ViT-S columns over 196 tokens, 2 to 16 columns;
-  3. time: the median training step of RevCol-ViT-S, the two streams' steps alternating.
-
-    python benchmarks/numerics.py | tee benchmarks/results/numerics.txt
+``stream`` is the one place that patches the core's constants to get the other streams; the stream's cost
+(``benchmark.py memory --mode stream``) uses it too.
 """
-import argparse
 import statistics
 import time
 from contextlib import contextmanager
 
 import timm
 import torch
-from common import header
 from torch import nn
 
 import revcol.columns
 import revcol_vit  # noqa: F401  (registers the RevCol-ViT models with timm)
 from revcol import isotropic_columns
-from revcol.memory import PeakBytes, count_saved_bytes
+from revcol.memory import count_saved_bytes
 
 STREAMS = {  # name -> (stream dtype, rebuild budget in bits)
     "float64 (default)": (torch.float64, revcol.columns.REBUILD_BUDGET_BITS),
@@ -191,7 +184,7 @@ def imagenet_steps(steps, batch, bf16):
 
 
 def imagenet(steps, batch, autocasts):
-    print(f"\n## Exactness at ImageNet shapes: RevCol-ViT-S, 224 px, batch {batch}, {steps} SGD steps (lr 1e-3) "
+    print(f"## Exactness at ImageNet shapes: RevCol-ViT-S, 224 px, batch {batch}, {steps} SGD steps (lr 1e-3) "
           f"from gammas drawn in [0.4, 0.9], cross-entropy\n")
     print("Bit-identical steps: torch.equal on the input's and every parameter's gradient, reversible against "
           "plain. Relative error: ||g_rev - g_plain|| / ||g_plain|| over all gradients, worst of the other steps; "
@@ -204,64 +197,9 @@ def imagenet(steps, batch, autocasts):
         imagenet_steps(steps, batch, bf16)
 
 
-def memory_and_time(columns, batch, steps):
-    print(f"\n## Memory and step time: RevCol-ViT-S columns (dim 224, blocks (2, 2, 2, 2)), batch {batch} x 196 "
-          f"tokens, bf16 autocast, reversible; steps of the two streams alternate, median of {steps} each\n")
-    print("| columns | stream | kept columns | saved MiB | peak MiB | step ms |\n|---|---|---|---|---|---|")
-    for n in columns:
-        runs = {}
-        for name in COST_STREAMS:
-            with stream(name):
-                torch.manual_seed(0)
-                model = isotropic_columns(224, [2, 2, 2, 2], n, 4, drop_path_rate=0.1)
-                model.rebuild_budget_bits = revcol.columns.REBUILD_BUDGET_BITS
-                x = torch.randn(batch, 196, 224, requires_grad=True)
-
-                def step(model=model, x=x):
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        out = model(x)[-1]
-                    out.float().mean().backward()
-
-                step()  # allocates the gradients, which the measured step starts with
-                with count_saved_bytes() as saved:
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        model(x)
-                with PeakBytes(ignore=[x, x.grad, *model.parameters(), *(p.grad for p in model.parameters())]) as pk:
-                    step()
-                runs[name] = dict(step=step, kept=len(model._kept_columns()), saved=saved.bytes, peak=pk.peak,
-                                  times=[])
-        for _ in range(steps):  # alternating, so that a busy moment of the machine falls on both
-            for name in COST_STREAMS:
-                with stream(name):
-                    start = time.perf_counter()
-                    runs[name]["step"]()
-                    runs[name]["times"].append(time.perf_counter() - start)
-        for name, r in runs.items():
-            ms = f"{1e3 * statistics.median(r['times']):.0f}" if r["times"] else "-"
-            print(f"| {n} | {name} | {r['kept']} | {r['saved'] / 2**20:.1f} | {r['peak'] / 2**20:.1f} | {ms} |",
-                  flush=True)
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--columns", default="2,4,8,16,20", help="column counts of the exactness table")
-    p.add_argument("--memory-columns", default="2,4,8,16")
-    p.add_argument("--batch", type=int, default=4, help="batch of the memory and time table")
-    p.add_argument("--steps", type=int, default=5, help="timed steps of each stream per column count")
-    p.add_argument("--imagenet-steps", type=int, default=20, help="training steps of the ImageNet-shape table")
-    p.add_argument("--imagenet-batch", type=int, default=8)
-    p.add_argument("--imagenet-autocast", default="none,bf16", help="none, bf16 or both, comma-separated")
-    p.add_argument("--only", choices=["exactness", "cost", "imagenet"], help="one of the three parts")
-    args = p.parse_args()
-    print("# " + header(f"CPU ({torch.get_num_threads()} threads)", "python benchmarks/numerics.py"))
-    if args.only in (None, "exactness"):
+def run(args, device, title):
+    if args.part == "exactness":
         exactness([int(n) for n in args.columns.split(",")])
-    if args.only in (None, "imagenet"):
-        imagenet(args.imagenet_steps, args.imagenet_batch,
-                 [name == "bf16" for name in args.imagenet_autocast.split(",")])
-    if args.only in (None, "cost"):
-        memory_and_time([int(n) for n in args.memory_columns.split(",")], args.batch, args.steps)
-
-
-if __name__ == "__main__":
-    main()
+    else:
+        autocasts = [name == "bf16" for name in args.imagenet_autocast.split(",")]
+        imagenet(args.imagenet_steps, args.imagenet_batch, autocasts)

@@ -1,4 +1,5 @@
-"""Does ``torch.compile`` of the level functions keep reversible gradients equal to plain autograd?
+"""``benchmark.py compile``: does ``torch.compile`` of the level functions keep reversible gradients equal
+to plain autograd?
 
 Reversible gradients of a model whose levels are compiled (``compile_levels()``) against plain eager
 autograd of the same weights, float32, gamma 1.0, 3 columns of dim 32:
@@ -8,18 +9,11 @@ autograd of the same weights, float32, gamma 1.0, 3 columns of dim 32:
     what happens to a level that does not keep its random ops eager.
 Then what compiling buys on this machine's CPU: the training step time (forward, backward, AdamW) of
 RevCol-ViT-S at batch 4, float32, eager and compiled, reversible and plain.
-
-    python benchmarks/compile_levels.py      # a few minutes on 2 CPU cores, most of it compiling
 """
-import statistics
-import time
-from datetime import date
-
-import timm
 import torch
+from common import create_vit, median_seconds
 from torch import nn
 
-import revcol_vit  # noqa: F401  (registers the RevCol-ViT models with timm)
 from revcol import isotropic_columns
 from revcol.isotropic import Dropout
 
@@ -53,35 +47,29 @@ def relative_error(drop, random_ops_in_graph=False):
     return ((rev - plain).norm() / plain.norm()).item()
 
 
-def step_ms(reversible, compiled, batch=4, steps=5):
-    torch.manual_seed(0)
-    model = timm.create_model("revcol_vit_s", reversible=reversible).train()
-    if compiled:
-        model.revcol.compile_levels()
+def step_ms(reversible, compiled, device, batch=4, steps=5):
+    label = ("revcol_vit_s" if reversible else "revcol_vit_s plain") + " compiled" * compiled
+    model = create_vit(label).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
-    times = []
-    for _ in range(steps + 2):  # the first step compiles every variant, the second one warms up
-        start = time.perf_counter()
+    x, y = torch.randn(batch, 3, 224, 224, device=device), torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times[2:])
+
+    # The first step compiles every variant, the second one warms up.
+    return 1000 * median_seconds(step, device, steps, warmup=2)
 
 
-def main():
-    print(f"# CPU, {date.today()}, torch {torch.__version__}: compiled reversible vs eager plain, relative "
-          f"gradient error")
+def run(args, device, title):
+    print("compiled reversible vs eager plain, relative gradient error")
     print(f"no randomness: {relative_error(0.0):.1e}")
     print(f"dropout 0.1, attention dropout 0.1, drop path 0.3, random ops eager: {relative_error(0.3):.1e}")
     print(f"the same with nn.Dropout compiled into the graph: {relative_error(0.3, random_ops_in_graph=True):.1e}")
-    print(f"\n# RevCol-ViT-S training step on CPU ({torch.get_num_threads()} threads), batch 4, float32, median of 5")
+    print(f"\nRevCol-ViT-S training step, batch {args.batch}, float32, median of {args.steps}")
     print("| mode | eager ms | compiled ms | eager / compiled |\n|---|---|---|---|")
     for reversible in (True, False):
-        eager, compiled = step_ms(reversible, False), step_ms(reversible, True)
+        eager, compiled = (step_ms(reversible, c, device, args.batch, args.steps) for c in (False, True))
         print(f"| {'reversible' if reversible else 'plain'} | {eager:.0f} | {compiled:.0f} | {eager / compiled:.2f} |")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,23 +1,23 @@
-"""RevCol-Transformer against fairseq's Transformer-big: training words/s and generation sentences/s.
+"""``benchmark.py fairseq --mode MODE``: the RevCol-Transformer against fairseq's Transformer-big.
+
+  exactness   (CPU) the tiny architecture cast wholly to float16 / bfloat16 (what fairseq's --fp16 does):
+              relative gradient error of reversible against plain, worst over the encoder's parameters.
+  throughput  (CUDA) training words/s and generation sentences/s.
 
 Training runs the real ``fairseq-train`` on ``--task dummy_mt`` (dictionary 32768, 30-token sentences,
 shared embeddings, Adam, label smoothing, --fp16) and reads words/s from fairseq's JSON log, skipping the
 first log interval (warm-up). Generation builds both models in one process (RevCol also with compiled encoder
 levels) and times beam search (beam 4) on random 30-token sources with the output length pinned, so both
-decoders produce the same number of tokens.
-
-    python benchmarks/fairseq_throughput.py --max-tokens 4096,8192      # needs CUDA and fairseq
+decoders produce the same number of tokens. The encoder's memory is ``benchmark.py memory --mode fairseq-encoder``.
 """
-import argparse
 import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from common import header
+from common import seconds
 
 GENERATORS = [  # (arch, compiled encoder levels): the checkpoint flag --revcol-compile compiles them in generation
     ("transformer_wmt_en_de_big", False),
@@ -33,15 +33,39 @@ RUNS = [  # (arch, precision, extra flags)
 DICT_SIZE, SENT_LEN = 32768, 30
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--max-tokens", default="4096,8192")
-    p.add_argument("--updates", type=int, default=200)
-    p.add_argument("--log-interval", type=int, default=40)
-    p.add_argument("--log-dir", default=None, help="keep each fairseq-train log here")
-    p.add_argument("--gen-batch", type=int, default=128)
-    p.add_argument("--gen-batches", type=int, default=10)
-    return p.parse_args()
+def build(arch, *flags):
+    """A model of ``arch`` for ``--task dummy_mt`` (dictionary 1000), built from seed 0."""
+    from fairseq import options, tasks
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, ["--task", "dummy_mt", "--dict-size", "1000", "--arch", arch,
+                                                "--user-dir", "revcol_fairseq", *flags])
+    torch.manual_seed(0)
+    return tasks.setup_task(args).build_model(args)
+
+
+def half_precision_error(dtype, columns, gamma):
+    model = build("revcol_transformer_tiny", "--dropout", "0", "--revcol-columns", str(columns),
+                  "--revcol-gamma-init", str(gamma)).to(dtype)
+    src = torch.randint(4, 1000, (3, 8), generator=torch.Generator().manual_seed(1))
+    prev = torch.randint(4, 1000, (3, 4), generator=torch.Generator().manual_seed(2))
+
+    def grads(reversible):
+        model.encoder.revcol.reversible = reversible
+        model.zero_grad()
+        logits, _ = model(src, torch.full((3,), 8), prev)
+        logits.float().logsumexp(-1).sum().backward()
+        return {n: p.grad.float() for n, p in model.encoder.named_parameters() if p.grad is not None}
+
+    rev, plain = grads(True), grads(False)
+    return max(((rev[n] - plain[n]).norm() / plain[n].norm()).item() for n in plain)
+
+
+def exactness():
+    print("| cast | columns | gamma | worst relative gradient error |\n|---|---|---|---|")
+    for dtype, columns, gamma in [(torch.float16, 2, 0.5), (torch.float16, 4, 1.0), (torch.float16, 4, 0.5),
+                                  (torch.bfloat16, 4, 0.5)]:
+        error = half_precision_error(dtype, columns, gamma)
+        print(f"| {str(dtype).split('.')[1]} | {columns} | {gamma} | {error:.1%} |", flush=True)
 
 
 def train_wps(arch, precision, extra, max_tokens, args):
@@ -91,23 +115,23 @@ def generation_speed(arch, compiled, args):
     src[:, -1] = d.eos()
     sample = {"net_input": {"src_tokens": src,
                             "src_lengths": torch.full((args.gen_batch,), SENT_LEN, device="cuda")}}
+
+    def generate_batches():
+        for _ in range(args.gen_batches):
+            generator.generate([model], sample)
+
     with torch.no_grad():
         generator.generate([model], sample)  # warm-up (and compilation)
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.gen_batches):
-            generator.generate([model], sample)
-        torch.cuda.synchronize()
-    return args.gen_batch * args.gen_batches / (time.perf_counter() - t0)
+        return args.gen_batch * args.gen_batches / seconds(generate_batches, torch.device("cuda"))
 
 
-def main():
-    args = parse_args()
-    assert torch.cuda.is_available(), "this benchmark measures GPU throughput"
+def run(args, device, title):
+    if args.mode == "exactness":
+        return exactness()
     if args.log_dir:
         Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-    details = "fp16", f"dummy_mt dict {DICT_SIZE}", f"{SENT_LEN}-token sentences"
-    print(f"# {header(torch.cuda.get_device_name(), *details)}")
+    print(f"fp16, dummy_mt dict {DICT_SIZE}, {SENT_LEN}-token sentences\n")
     print("| arch | precision | flags | params | max tokens | train words/s |\n|---|---|---|---|---|---|")
     train = {}
     for max_tokens in map(int, args.max_tokens.split(",")):
@@ -126,6 +150,3 @@ def main():
         print(f"generation, beam 4, batch {args.gen_batch}: {arch}{' compiled' * compiled} {speed:.1f} sentences/s "
               f"({speed / gen[GENERATORS[0]]:.2f}x {GENERATORS[0][0]})", flush=True)
 
-
-if __name__ == "__main__":
-    main()

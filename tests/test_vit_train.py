@@ -18,7 +18,7 @@ from timm.data import create_dataset
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import revcol_vit.train as train_module
-from revcol import ReconstructionError, ReversibleColumns
+from revcol import ReversibleColumns
 from revcol_vit.config import UsageError
 from revcol_vit.data import eval_loader, eval_transform, image_folder
 from revcol_vit.runtime import Dist, create_model, evaluate, load_checkpoint
@@ -97,12 +97,12 @@ def test_reconstruction_error_is_logged_per_log_interval_and_per_epoch(trained):
 
 
 def test_a_nan_reconstruction_error_is_the_epochs_worst(small_digits, tmp_path, monkeypatch):
-    """A NaN among the steps' rebuild errors reaches log.csv as nan, not as the largest finite one."""
-    errors = iter([1e-9, math.nan] + [2e-9] * 8)  # 160 images in batches of 16: 10 steps
-    monkeypatch.setattr(ReversibleColumns, "reconstruction_error",
-                        property(lambda self: ReconstructionError(next(errors), 0, 0)))
+    """A NaN among the rebuild errors read at the log intervals reaches log.csv as nan, not as the largest finite
+    one."""
+    errors = iter([1e-9, math.nan] + [2e-9] * 10)  # 160 images in batches of 16: 10 steps, read every 2nd
+    monkeypatch.setattr(ReversibleColumns, "worst_reconstruction_error", lambda self: next(errors))
     history = run_train(small_digits, tmp_path, *NO_AUGMENTATION, "--epochs", "1", "--warmup-epochs", "0",
-                        "--batch-size", "16", "--lr", "1e-4", "--lr-base-batch", "16")
+                        "--batch-size", "16", "--lr", "1e-4", "--lr-base-batch", "16", "--log-interval", "2")
     assert math.isnan(history[0]["reconstruction_error"])
     assert read_csv(tmp_path / "log.csv")[0]["reconstruction_error"] == "nan"
 

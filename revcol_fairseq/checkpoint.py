@@ -27,8 +27,20 @@ CHECKPOINT_GLOBALS = [argparse.Namespace]
 
 
 def allow_fairseq_checkpoint_globals() -> None:
-    """Let ``torch.load(weights_only=True)`` (fairseq's load path) rebuild the globals our checkpoints hold."""
+    """Let ``torch.load(weights_only=True)`` (fairseq's load path) rebuild the globals our checkpoints hold, at every
+    load: a ``torch.serialization.safe_globals`` block elsewhere in the process (timm's checkpoint loader has one)
+    removes its globals from the allowlist when it ends, ours included."""
     torch.serialization.add_safe_globals(CHECKPOINT_GLOBALS)
+    load = checkpoint_utils.load_checkpoint_to_cpu
+    if getattr(load, "allows_fairseq_checkpoint_globals", False):
+        return
+
+    def load_checkpoint_to_cpu(*args, **kwargs):
+        torch.serialization.add_safe_globals(CHECKPOINT_GLOBALS)
+        return load(*args, **kwargs)
+
+    load_checkpoint_to_cpu.allows_fairseq_checkpoint_globals = True
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
 
 
 class AtomicCopyPathManager(PathManager):

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-import revcol_fairseq  # noqa: F401  (registers the safe-loading allowlist for fairseq checkpoints)
+import revcol_fairseq
 from revcol.checkpoint import load_plain_checkpoint, write_atomically
 
 UPDATE_CHECKPOINT = re.compile(r"checkpoint_\d+_(\d+)\.pt")
@@ -40,6 +40,7 @@ def last_checkpoints(directory: str, count: int):
 def average_checkpoints(paths):
     """Returns the newest checkpoint (the last path) with each weight replaced by its mean over ``paths``."""
     sums, newest = None, None
+    revcol_fairseq.allow_fairseq_checkpoint_globals()  # again: a safe_globals block elsewhere may have removed them
     for path in paths:
         try:
             checkpoint = load_plain_checkpoint(path)

@@ -1,4 +1,5 @@
 """RevCol-Transformer fairseq plugin: decoding, padding, reversible gradients, checkpoints, flags, CLI."""
+import argparse
 import json
 import math
 import os
@@ -483,6 +484,8 @@ def test_fairseq_train_checkpoint_holds_no_global_beyond_the_allowlist(trained):
         assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == ["argparse.Namespace"]
     finally:
         torch.serialization.add_safe_globals(allowlist)
+    with torch.serialization.safe_globals([argparse.Namespace]):  # as timm's loader does: it removes them on exit
+        pass
     state = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoints / "checkpoint_last.pt"))
     assert state["cfg"].model.arch == "revcol_transformer_tiny"
 

@@ -176,9 +176,9 @@ class _Tape:
 
     ``rebuilt[c]``: column c's states and their gradients, put there by column c+1's backward. ``kept[c]``:
     column c's exact states, kept in the forward because rebuilding them could magnify rounding past the
-    budget. ``probe``: a fixed sample of each of the first column's states. Backward measures what it rebuilt
-    (``errors``) where the rebuild's error is largest, at the end of each stretch of rebuilt columns: against
-    the kept states, and in the first column against the probe. ``cast_bits[c, l]``: the last bit of each value
+    budget. ``probe``: a fixed sample of each of the first column's states. Backward measures the reconstruction
+    error of what it rebuilt (``errors``) where it is largest, at the end of each stretch of rebuilt columns:
+    against the kept states, and in the first column against the probe. ``cast_bits[c, l]``: the last bit of each value
     of the forward's cast of state (c, l) to the levels' dtype, for the columns backward rebuilds. Memory stays
     flat in the number of columns but for those bits, 1/64 of a column's float64 states.
     """
@@ -713,9 +713,10 @@ class ReversibleColumns(nn.Module):
         return self
 
     def worst_reconstruction_error(self) -> Optional[float]:
-        """The worst relative error of a rebuilt state over the reversible backwards since the last call (None if
-        none rebuilt a column). It is kept on the device, so backward reads nothing back; this call reads it
-        once, for a training loop's log interval. Warns once above 1e-4, as :attr:`reconstruction_error` does."""
+        """The worst reconstruction error (relative, of a rebuilt state) over the reversible backwards since the
+        last call (None if none rebuilt a column). It is kept on the device, so backward reads nothing back; this
+        call reads it once, for a training loop's log interval. Warns once above 1e-4, as
+        :attr:`reconstruction_error` does."""
         if self._worst_error is None:
             return None
         worst, self._worst_error = float(self._worst_error.cpu()), None

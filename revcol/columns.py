@@ -140,12 +140,9 @@ class Column(nn.Module):
         if reversible is not None:
             # Run through the module call, so that what hooks into it runs around the column: FSDP gathers its
             # parameters for the forward, and again, when its outputs get their gradients, for the recompute.
-            keys = [k for k, v in context.items() if isinstance(v, Tensor)]
-            plain = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
             params = [p for p in self.parameters() if p.requires_grad]
-            return list(_ReversibleColumn.apply(self, reversible.tape, reversible.last, reversible.keep_top,
-                                                reversible.with_graph, plain, keys, x0,
-                                                *(context[k] for k in keys), *(prev or ()), *params))
+            return list(_ReversibleColumn.apply(self, reversible, x0, *(context[k] for k in reversible.context_keys),
+                                                *(prev or ()), *params))
         states: List[Tensor] = []
         for l in range(len(self.levels)):
             y = self.f(l, *self.inputs(l, x0, states, prev), context, x0.dtype, self.top_input(l, prev))
@@ -179,9 +176,9 @@ class _Tape:
 
     ``rebuilt[c]``: column c's states and their gradients, put there by column c+1's backward. ``kept[c]``:
     column c's exact states, kept in the forward because rebuilding them could magnify rounding past the
-    budget. ``probe``: a fixed sample of each of the first column's states. Backward measures what it rebuilt
-    (``errors``) where the rebuild's error is largest, at the end of each stretch of rebuilt columns: against
-    the kept states, and in the first column against the probe. ``cast_bits[c, l]``: the last bit of each value
+    budget. ``probe``: a fixed sample of each of the first column's states. Backward measures the reconstruction
+    error of what it rebuilt (``errors``) where it is largest, at the end of each stretch of rebuilt columns:
+    against the kept states, and in the first column against the probe. ``cast_bits[c, l]``: the last bit of each value
     of the forward's cast of state (c, l) to the levels' dtype, for the columns backward rebuilds. Memory stays
     flat in the number of columns but for those bits, 1/64 of a column's float64 states.
     """
@@ -304,11 +301,15 @@ class _RngState:
 
 
 class _ReversibleRun(NamedTuple):
-    """How :class:`Column` runs reversibly in one forward (see :class:`_ReversibleColumn`)."""
+    """How :class:`Column` runs reversibly in one forward: the arguments of :class:`_ReversibleColumn` that are
+    not tensors, but for the column. The context's tensors are passed to it as tensors, in ``context_keys``'
+    order; ``context_plain`` holds the rest of the context."""
     tape: _Tape
     last: bool
     keep_top: bool
-    with_graph: bool
+    levels_compiled: bool
+    context_plain: Dict
+    context_keys: List[str]
 
 
 def _sharded(column: Column) -> bool:
@@ -332,6 +333,11 @@ def _reaches_a_parameter(y: Tensor, inputs: List[Tensor]) -> bool:
     return False
 
 
+def _leaf(t: Optional[Tensor]) -> Optional[Tensor]:
+    """t detached, requiring grad: an input to take a level's gradient at (None stays None)."""
+    return None if t is None else t.detach().requires_grad_()
+
+
 class _ReversibleColumn(torch.autograd.Function):
     """One column run without a graph; its backward rebuilds the previous column and differentiates this one.
 
@@ -349,10 +355,9 @@ class _ReversibleColumn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, column: Column, tape: _Tape, last: bool, keep_top: bool, with_graph: bool,
-                context_plain: Dict, context_keys: List[str], x0: Tensor, *tensors: Tensor):
-        n_ctx, L, c = len(context_keys), len(column.levels), column.index
-        context = dict(context_plain, **dict(zip(context_keys, tensors[:n_ctx])))
+    def forward(ctx, column: Column, run: _ReversibleRun, x0: Tensor, *tensors: Tensor):
+        n_ctx, L, c = len(run.context_keys), len(column.levels), column.index
+        context = dict(run.context_plain, **dict(zip(run.context_keys, tensors[:n_ctx])))
         prev = list(tensors[n_ctx:n_ctx + L]) if c > 0 else None
         device_type = x0.device.type
         # The levels run, here and in the recompute, under the caller's autocast state (none on devices without
@@ -365,7 +370,7 @@ class _ReversibleColumn(torch.autograd.Function):
             if torch.amp.is_autocast_available(device_type) else nullcontext()
         ctx.rng: Dict[int, _RngState] = {}
         ctx.top = None
-        keep_top = keep_top and any(ctx.needs_input_grad)  # with nothing to differentiate, no backward runs
+        keep_top = run.keep_top and any(ctx.needs_input_grad)  # with nothing to differentiate, no backward runs
         states: List[Tensor] = []
         with ctx.autocast:
             for l in range(L):
@@ -373,12 +378,10 @@ class _ReversibleColumn(torch.autograd.Function):
                 low, high = column.inputs(l, x0, states, prev)
                 top_in = column.top_input(l, prev)
                 top = keep_top and l == L - 1
-                if with_graph or top:
+                if run.levels_compiled or top:
                     # As the recompute calls it: with grad, on inputs that require it. A compiled level then runs
                     # the same kernels in both passes, so the recompute gives back the forward's F exactly.
-                    low = low.detach().requires_grad_()
-                    high = None if high is None else high.detach().requires_grad_()
-                    top_in = None if top_in is None else top_in.detach().requires_grad_()
+                    low, high, top_in = _leaf(low), _leaf(high), _leaf(top_in)
                     with torch.enable_grad():
                         y = column.f(l, low, high, context, x0.dtype, top_in)
                     if top:  # the last column's top level keeps its graph: see ReversibleColumns.keep_top_graph
@@ -389,19 +392,18 @@ class _ReversibleColumn(torch.autograd.Function):
                 states.append(column.shortcut(l, y, prev))
                 if rng.consumed():
                     ctx.rng[l] = rng
-        ctx.column, ctx.tape, ctx.last, ctx.sharded = column, tape, last, _sharded(column)
-        ctx.context_plain, ctx.context_keys = context_plain, context_keys
+        ctx.column, ctx.run, ctx.sharded = column, run, _sharded(column)
         ctx.params = list(tensors[n_ctx + (L if c > 0 else 0):])
         ctx.save_for_backward(x0, *tensors[:n_ctx])
         # The last column's outputs are kept as detached aliases, not saved tensors: a saved tensor lives at
         # least until backward returns, an alias can be dropped once its level is rebuilt. An alias shares its
         # output's version counter, which backward checks as autograd does for saved tensors.
         ctx.outputs = None
-        if last:
+        if run.last:
             ctx.outputs = [(s.detach(), s._version) for s in states]
             note_kept_for_backward(states)  # count_saved_bytes counts them as it would saved tensors
         else:
-            tape.record(c, states, x0.dtype)
+            run.tape.record(c, states, x0.dtype)
         ctx.set_materialize_grads(False)  # a level nothing differentiates gets None, not a state-sized zero
         return tuple(states)
 
@@ -409,109 +411,168 @@ class _ReversibleColumn(torch.autograd.Function):
     def backward(ctx, *grads: Tensor):
         if torch.is_grad_enabled():  # autograd enables grad mode in backward only for create_graph=True
             raise RuntimeError(NO_DOUBLE_BACKWARD)
-        column: Column = ctx.column
-        tape: _Tape = ctx.tape
-        c, L, n_ctx = column.index, len(column.levels), len(ctx.context_keys)
-        saved = ctx.saved_tensors
-        x0 = saved[0].detach()
-        context = dict(ctx.context_plain, **dict(zip(ctx.context_keys, saved[1:1 + n_ctx])))
-        if ctx.last:
-            if ctx.outputs is None:
-                raise RuntimeError(RUNS_ONCE)
-            if any(s._version != version for s, version in ctx.outputs):
-                raise RuntimeError("reversible columns: an output was modified in place after the forward, "
-                                   "but backward rebuilds the previous columns from it")
-            states = [s for s, _ in ctx.outputs]
-            top, ctx.top = ctx.top, None
-            ctx.outputs = None  # from here on, each state is freed once its level is rebuilt
-            grads, own_states = list(grads), False  # the caller may still hold the outputs: not ours to overwrite
-        else:
-            if c not in tape.rebuilt:
-                raise RuntimeError(RUNS_ONCE)
-            # Rebuilt by the next column, and ours alone: states to overwrite, gradients to free once used.
-            # (What autograd hands in here are stand-ins; see the end of this function.)
-            tapped_grad = grads[L - 1] if c in tape.tapped else None  # the stand-in plus the caller's gradient
-            (states, grads), own_states, top = tape.rebuilt.pop(c), True, None
-            grads[L - 1] = _add(grads[L - 1], tapped_grad)
-        index = {p: i for i, p in enumerate(ctx.params)}
-        param_grads: List[Optional[Tensor]] = [None] * len(ctx.params)
-        prev = None if c == 0 else [None] * L  # the previous column, rebuilt top level first
-        prev_grads: List[Optional[Tensor]] = [None] * L
-        grad_x0 = None
-
+        step = _ColumnBackward(ctx, grads)
         with torch.enable_grad():
-            for l in reversed(range(L)):
-                if top is not None:  # the last column's top level, its graph kept from the forward
-                    (low, y), high, top_in, top = top, None, None, None
-                else:
-                    low, high = column.inputs(l, x0, states, prev)
-                    low = low.detach().requires_grad_()
-                    high = None if high is None else high.detach().requires_grad_()
-                    low_cast = low if l == 0 else tape.forward_cast(c, l - 1, low, x0.dtype)
-                    high_cast = None if high is None else tape.forward_cast(c - 1, l + 1, high, x0.dtype)
-                    top_in = column.top_input(l, prev)  # rebuilt already: the top level comes first
-                    top_in = None if top_in is None else top_in.detach().requires_grad_()
-                    top_cast = None if top_in is None else tape.forward_cast(c - 1, L - 1, top_in, x0.dtype)
-                    # Autocast covers the recompute only: the gradients are taken outside it, as autograd takes
-                    # them in plain mode, so that no backward formula is cast to another precision.
-                    with ctx.autocast, ctx.rng[l].replayed() if l in ctx.rng else nullcontext():
-                        y = column.f(l, low_cast, high_cast, context, x0.dtype, top_cast)
-                grad = grads[l]
-                if prev is not None:
-                    # The shortcut x_l = y + gamma * x_l^prev is inverted and differentiated by hand: autograd
-                    # would keep two more state-sized tensors (gamma * x_l^prev and the sum) for no gain. The
-                    # ops are those autograd runs for addcmul, so the gradients are the same to the bit.
-                    gamma = clamp_gamma(column.gammas[l]).to(STREAM_DTYPE)
-                    with torch.no_grad():
-                        rebuilt = states[l].sub_(y) if own_states else states[l] - y  # x_l is not needed again
-                        prev[l] = tape.check(c - 1, l, rebuilt.div_(gamma))
-                    if grad is not None:
-                        prev_grads[l] = _add(prev_grads[l], grad * gamma.detach())
-                        if ctx.sharded and column.gammas[l].requires_grad:
-                            torch.autograd.backward(gamma, (grad * prev[l]).sum_to_size(gamma.shape))
-                        elif column.gammas[l] in index:
-                            grad_gamma = (grad * prev[l]).sum_to_size(gamma.shape)
-                            i = index[column.gammas[l]]
-                            param_grads[i] = _add(param_grads[i],
-                                                  torch.autograd.grad(gamma, column.gammas[l], grad_gamma)[0])
-                states[l] = grads[l] = None  # release state-sized tensors as soon as they are used up
-                if grad is None:  # nothing downstream depends on this level
-                    continue
-                inputs = [low] + ([high] if high is not None else []) + ([top_in] if top_in is not None else [])
-                trained = any(p.requires_grad for p in column.levels[l].parameters())
-                if ctx.sharded:
-                    if trained and not _reaches_a_parameter(y, inputs):
-                        raise RuntimeError(NO_PARAMETER_GRADIENTS.format(level=l, column=c))
-                    torch.autograd.backward(y, grad)  # into the inputs' and the parameters' .grad
-                    got_inputs, got_params, level_params = [t.grad for t in inputs], [], []
-                else:
-                    level_params = [p for p in column.levels[l].parameters() if p in index]
-                    got = torch.autograd.grad(y, inputs + level_params, grad, allow_unused=True)
-                    got_inputs, got_params = got[:len(inputs)], got[len(inputs):]
-                    if trained and all(g is None for g in got_params):
-                        raise RuntimeError(NO_PARAMETER_GRADIENTS.format(level=l, column=c))
-                del y, grad
-                if l == 0:
-                    grad_x0 = _add(grad_x0, got_inputs[0])
-                else:
-                    grads[l - 1] = _add(grads[l - 1], got_inputs[0])
-                if high is not None:
-                    prev_grads[l + 1] = _add(prev_grads[l + 1], got_inputs[1])
-                if top_in is not None:
-                    prev_grads[L - 1] = _add(prev_grads[L - 1], got_inputs[-1])
-                for p, g in zip(level_params, got_params):
-                    param_grads[index[p]] = _add(param_grads[index[p]], g)
-        if prev is not None:
-            # The previous column's gradients go on the tape with its states. Autograd gets zero-size
-            # stand-ins (a scalar expanded to the state's shape), which keep the order of the backwards:
-            # a gradient autograd passes into a backward stays alive until that backward returns, so the
-            # real ones, passed this way, would be held all through the previous column's backward.
-            tape.rebuilt[c - 1] = prev, prev_grads
-            prev_grads = [None if g is None else g.new_zeros(()).expand(g.shape) for g in prev_grads]
-            if c == 1:  # column 0 is rebuilt: the last rebuild of this backward
-                tape.owner._finish_backward(tape.errors)
-        return (None,) * 7 + (grad_x0,) + (None,) * n_ctx + (tuple(prev_grads) if prev is not None else ()) \
-            + tuple(param_grads)
+            for l in reversed(range(len(ctx.column.levels))):
+                step.level(l)
+        prev_grads = step.hand_down()
+        # One gradient per input of forward after ctx: none for the column, the run and the context tensors.
+        return (None, None, step.grad_x0) + (None,) * len(ctx.run.context_keys) + prev_grads \
+            + tuple(step.param_grads)
+
+
+class _ColumnBackward:
+    """One column's backward, driven level by level from the top by :meth:`_ReversibleColumn.backward`.
+
+    Each level is recomputed (or its graph taken from the forward), the inverse of its shortcut rebuilds the
+    previous column's level, and its gradient is passed on to its inputs and parameters. At the end the
+    previous column's states and gradients go on the tape for its own backward.
+    """
+
+    def __init__(self, ctx, grads: Tuple[Optional[Tensor], ...]):
+        self.column: Column = ctx.column
+        self.tape: _Tape = ctx.run.tape
+        self.sharded, self.autocast, self.rng = ctx.sharded, ctx.autocast, ctx.rng
+        saved = ctx.saved_tensors
+        self.x0 = saved[0].detach()
+        self.context = dict(ctx.run.context_plain, **dict(zip(ctx.run.context_keys, saved[1:])))
+        if ctx.run.last:
+            self.states, self.grads, self.own_states, self.top = self._from_outputs(ctx, grads)
+        else:
+            self.states, self.grads, self.own_states, self.top = self._from_tape(grads)
+        self.index = {p: i for i, p in enumerate(ctx.params)}
+        self.param_grads: List[Optional[Tensor]] = [None] * len(ctx.params)
+        L = len(self.column.levels)
+        self.prev = None if self.column.index == 0 else [None] * L  # the previous column, rebuilt top level first
+        self.prev_grads: List[Optional[Tensor]] = [None] * L
+        self.grad_x0: Optional[Tensor] = None
+
+    @staticmethod
+    def _from_outputs(ctx, grads: Tuple[Optional[Tensor], ...]):
+        """The last column starts from its outputs, and from its top level's graph where the forward kept it."""
+        if ctx.outputs is None:
+            raise RuntimeError(RUNS_ONCE)
+        if any(s._version != version for s, version in ctx.outputs):
+            raise RuntimeError("reversible columns: an output was modified in place after the forward, "
+                               "but backward rebuilds the previous columns from it")
+        states = [s for s, _ in ctx.outputs]
+        top, ctx.top = ctx.top, None
+        ctx.outputs = None  # from here on, each state is freed once its level is rebuilt
+        return states, list(grads), False, top  # the caller may still hold the outputs: not ours to overwrite
+
+    def _from_tape(self, grads: Tuple[Optional[Tensor], ...]):
+        """Any other column starts from its states and gradients as the next column's backward rebuilt them: ours
+        alone, states to overwrite and gradients to free once used. (What autograd hands in here are stand-ins;
+        see :meth:`hand_down`.)"""
+        c, L = self.column.index, len(self.column.levels)
+        if c not in self.tape.rebuilt:
+            raise RuntimeError(RUNS_ONCE)
+        tapped_grad = grads[L - 1] if c in self.tape.tapped else None  # the stand-in plus the caller's gradient
+        states, own_grads = self.tape.rebuilt.pop(c)
+        own_grads[L - 1] = _add(own_grads[L - 1], tapped_grad)
+        return states, own_grads, True, None
+
+    def level(self, l: int) -> None:
+        """Level l: recompute it, rebuild the previous column's level l, and pass its gradient on."""
+        if self.top is not None:  # the last column's top level, its graph kept from the forward
+            (low, y), high, top_in, self.top = self.top, None, None, None
+        else:
+            low, high, top_in, y = self._recompute(l)
+        grad = self.grads[l]
+        if self.prev is not None:
+            self._invert_shortcut(l, y, grad)
+        self.states[l] = self.grads[l] = None  # release state-sized tensors as soon as they are used up
+        if grad is None:  # nothing downstream depends on this level
+            return
+        inputs = [t for t in (low, high, top_in) if t is not None]
+        got_inputs, got_params = self._level_grads(l, y, grad, inputs)
+        del y, grad  # the level's graph and gradient, before the gradients are added up
+        self._add_input_grads(l, got_inputs, high is not None, top_in is not None)
+        for p, g in got_params:
+            self.param_grads[self.index[p]] = _add(self.param_grads[self.index[p]], g)
+
+    def _recompute(self, l: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]:
+        """F_l again, with grad, on the forward's inputs (cast as the forward cast them) and random numbers: its
+        inputs low, high and top (as leaves that require grad) and its result."""
+        column, tape, c, dtype = self.column, self.tape, self.column.index, self.x0.dtype
+        low, high = column.inputs(l, self.x0, self.states, self.prev)
+        low, high = _leaf(low), _leaf(high)
+        low_cast = low if l == 0 else tape.forward_cast(c, l - 1, low, dtype)
+        high_cast = None if high is None else tape.forward_cast(c - 1, l + 1, high, dtype)
+        top_in = _leaf(column.top_input(l, self.prev))  # rebuilt already: the top level comes first
+        top_cast = None if top_in is None else tape.forward_cast(c - 1, len(column.levels) - 1, top_in, dtype)
+        # Autocast covers the recompute only: the gradients are taken outside it, as autograd takes them in plain
+        # mode, so that no backward formula is cast to another precision.
+        with self.autocast, self.rng[l].replayed() if l in self.rng else nullcontext():
+            y = column.f(l, low_cast, high_cast, self.context, dtype, top_cast)
+        return low, high, top_in, y
+
+    def _invert_shortcut(self, l: int, y: Tensor, grad: Optional[Tensor]) -> None:
+        """Rebuild the previous column's level l from x_l = y + gamma * x_l^prev, and differentiate the shortcut:
+        grad * gamma to x_l^prev, grad * x_l^prev to gamma.
+
+        By hand: autograd would keep two more state-sized tensors (gamma * x_l^prev and the sum) for no gain. The
+        ops are those autograd runs for addcmul, so the gradients are the same to the bit."""
+        param = self.column.gammas[l]
+        gamma = clamp_gamma(param).to(STREAM_DTYPE)
+        with torch.no_grad():
+            rebuilt = self.states[l].sub_(y) if self.own_states else self.states[l] - y  # x_l is not needed again
+            self.prev[l] = self.tape.check(self.column.index - 1, l, rebuilt.div_(gamma))
+        if grad is None:
+            return
+        self.prev_grads[l] = _add(self.prev_grads[l], grad * gamma.detach())
+        into_dot_grad = self.sharded and param.requires_grad  # under FSDP: see _ReversibleColumn
+        if into_dot_grad or param in self.index:
+            grad_gamma = (grad * self.prev[l]).sum_to_size(gamma.shape)
+            if into_dot_grad:
+                torch.autograd.backward(gamma, grad_gamma)
+            else:
+                i = self.index[param]
+                self.param_grads[i] = _add(self.param_grads[i], torch.autograd.grad(gamma, param, grad_gamma)[0])
+
+    def _level_grads(self, l: int, y: Tensor, grad: Tensor,
+                     inputs: List[Tensor]) -> Tuple[List[Optional[Tensor]], List[Tuple[nn.Parameter, Tensor]]]:
+        """The gradients of level l's inputs, and its parameters' with them (none under FSDP, where they go into
+        the parameters' .grad)."""
+        trained = any(p.requires_grad for p in self.column.levels[l].parameters())
+        if self.sharded:
+            if trained and not _reaches_a_parameter(y, inputs):
+                raise RuntimeError(NO_PARAMETER_GRADIENTS.format(level=l, column=self.column.index))
+            torch.autograd.backward(y, grad)  # into the inputs' and the parameters' .grad
+            return [t.grad for t in inputs], []
+        level_params = [p for p in self.column.levels[l].parameters() if p in self.index]
+        got = torch.autograd.grad(y, inputs + level_params, grad, allow_unused=True)
+        got_params = got[len(inputs):]
+        if trained and all(g is None for g in got_params):
+            raise RuntimeError(NO_PARAMETER_GRADIENTS.format(level=l, column=self.column.index))
+        return list(got[:len(inputs)]), list(zip(level_params, got_params))
+
+    def _add_input_grads(self, l: int, got: List[Optional[Tensor]], high: bool, top: bool) -> None:
+        """Add the gradients of level l's inputs (low, then high and top where it has them) to those of the states
+        they came from: this column's level below (the stem output for l = 0) and the previous column's."""
+        if l == 0:
+            self.grad_x0 = _add(self.grad_x0, got[0])
+        else:
+            self.grads[l - 1] = _add(self.grads[l - 1], got[0])
+        if high:
+            self.prev_grads[l + 1] = _add(self.prev_grads[l + 1], got[1])
+        if top:
+            self.prev_grads[-1] = _add(self.prev_grads[-1], got[-1])
+
+    def hand_down(self) -> Tuple[Optional[Tensor], ...]:
+        """Put the previous column's states and gradients on the tape; return what autograd gets for them.
+
+        Autograd gets zero-size stand-ins (a scalar expanded to the state's shape), which keep the order of the
+        backwards: a gradient autograd passes into a backward stays alive until that backward returns, so the real
+        ones, passed this way, would be held all through the previous column's backward."""
+        if self.prev is None:
+            return ()
+        c = self.column.index
+        self.tape.rebuilt[c - 1] = self.prev, self.prev_grads
+        stand_ins = tuple(None if g is None else g.new_zeros(()).expand(g.shape) for g in self.prev_grads)
+        if c == 1:  # column 0 is rebuilt: the last rebuild of this backward
+            self.tape.owner._finish_backward(self.tape.errors)
+        return stand_ins
 
 
 def _capturing() -> bool:
@@ -652,9 +713,10 @@ class ReversibleColumns(nn.Module):
         return self
 
     def worst_reconstruction_error(self) -> Optional[float]:
-        """The worst relative error of a rebuilt state over the reversible backwards since the last call (None if
-        none rebuilt a column). It is kept on the device, so backward reads nothing back; this call reads it
-        once, for a training loop's log interval. Warns once above 1e-4, as :attr:`reconstruction_error` does."""
+        """The worst reconstruction error (relative, of a rebuilt state) over the reversible backwards since the
+        last call (None if none rebuilt a column). It is kept on the device, so backward reads nothing back; this
+        call reads it once, for a training loop's log interval. Warns once above 1e-4, as
+        :attr:`reconstruction_error` does."""
         if self._worst_error is None:
             return None
         worst, self._worst_error = float(self._worst_error.cpu()), None
@@ -755,13 +817,14 @@ class ReversibleColumns(nn.Module):
             if context[k].requires_grad:  # it would silently get no gradient
                 raise ValueError(f"keyword argument '{k}' requires grad, but reversible columns give keyword "
                                  f"arguments no gradient: detach it, or make it a parameter of a level")
+        plain = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
         tape = _Tape(self, self._kept_columns())
         tape.tapped = set(taps)
         states = None
         tapped: List[Tensor] = []
         for c, column in enumerate(self.columns):
             last = c == len(self.columns) - 1
-            run = _ReversibleRun(tape, last, last and self.keep_top_graph, self.levels_compiled)
+            run = _ReversibleRun(tape, last, last and self.keep_top_graph, self.levels_compiled, plain, keys)
             states = column(x0, states, context, reversible=run)
             if c in tape.tapped:
                 tapped.append(states[-1])

@@ -146,10 +146,10 @@ class PostNormBlock(nn.Module):
 class LevelFusion(nn.Module):
     """Linear + LayerNorm on the lower input of this column and on the higher input of the previous one, summed."""
 
-    def __init__(self, dim: int, takes_high: bool):
+    def __init__(self, dim: int, has_high: bool):
         super().__init__()
         self.low = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim))
-        self.high = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim)) if takes_high else None
+        self.high = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim)) if has_high else None
 
     def forward(self, low: Tensor, high: Optional[Tensor]) -> Tensor:
         if (high is None) != (self.high is None):
@@ -176,13 +176,13 @@ def check_tokens(x: Tensor, dim: int, key_padding_mask: Optional[Tensor]) -> Non
 class IsotropicLevel(nn.Module):
     """F_l: fusion, then ``depth`` post-LN blocks. Called as ``level(low, high, key_padding_mask=None)``."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, takes_high: bool, mlp_ratio: float = 4.0,
+    def __init__(self, dim: int, depth: int, num_heads: int, has_high: bool, mlp_ratio: float = 4.0,
                  drop_path_rates: Sequence[float] = (), dropout: float = 0.0, attn_dropout: float = 0.0,
                  activation_dropout: float = 0.0):
         super().__init__()
         drop_path_rates = list(drop_path_rates) or [0.0] * depth
         self.dim = dim
-        self.fusion = LevelFusion(dim, takes_high)
+        self.fusion = LevelFusion(dim, has_high)
         self.blocks = nn.ModuleList(
             PostNormBlock(dim, num_heads, mlp_ratio, drop_path_rates[i], dropout, attn_dropout, activation_dropout)
             for i in range(depth))

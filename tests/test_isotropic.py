@@ -113,7 +113,7 @@ def test_post_norm_block_normalizes_each_branch_output_and_drops_each_branch_per
 
 def test_level_fusion_sums_the_normalized_projections_of_its_two_inputs():
     torch.manual_seed(0)
-    fusion = LevelFusion(8, takes_high=True)
+    fusion = LevelFusion(8, has_high=True)
     with torch.no_grad():
         for norm in (fusion.low[1], fusion.high[1]):
             norm.weight.uniform_(0.5, 1.5)
@@ -129,7 +129,7 @@ def test_level_fusion_sums_the_normalized_projections_of_its_two_inputs():
     with pytest.raises(ValueError, match="^LevelFusion built with a higher input was called without one$"):
         fusion(low, None)
     with pytest.raises(ValueError, match="^LevelFusion built without a higher input was called with one$"):
-        LevelFusion(8, takes_high=False)(low, high)
+        LevelFusion(8, has_high=False)(low, high)
 
 
 def test_ffn_output_projections_are_scaled_down_by_depth_through_each_column():

@@ -19,8 +19,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import revcol_vit.train as train_module
 from revcol import ReversibleColumns
-from revcol_vit.config import UsageError
 from revcol_vit.data import eval_loader, eval_transform, image_folder
+from revcol_vit.errors import UsageError
 from revcol_vit.runtime import Dist, create_model, evaluate, load_checkpoint
 from revcol_vit.sweep import main as sweep_main
 from revcol_vit.train import parse_args, train

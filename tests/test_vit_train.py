@@ -97,7 +97,7 @@ def test_reconstruction_error_is_logged_per_log_interval_and_per_epoch(trained):
 
 
 def test_a_nan_reconstruction_error_is_the_epochs_worst(small_digits, tmp_path, monkeypatch):
-    """A NaN among the rebuild errors read at the log intervals reaches log.csv as nan, not as the largest finite
+    """A NaN among the reconstruction errors read at the log intervals reaches log.csv as nan, not as the largest finite
     one."""
     errors = iter([1e-9, math.nan] + [2e-9] * 10)  # 160 images in batches of 16: 10 steps, read every 2nd
     monkeypatch.setattr(ReversibleColumns, "worst_reconstruction_error", lambda self: next(errors))

@@ -7,10 +7,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import yaml
 
-
-class UsageError(ValueError):
-    """Bad input the user can fix: the CLIs print it as one line and exit."""
-
+from .errors import UsageError
 
 # Table 11, ImageNet-1K column. Peak lr 4e-3 is for batch 4096 and scales linearly with the global batch.
 # The table leaves the lr floor, the warmup start and the eval crop open: these follow ConvNeXt, whose

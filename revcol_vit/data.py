@@ -20,7 +20,7 @@ from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils import natural_key
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from .config import UsageError
+from .errors import UsageError
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)  # data loading processes per rank
 IMAGE_EXTENSIONS = get_img_extensions(as_set=True)  # what timm's folder reader loads

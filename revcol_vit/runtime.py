@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from revcol.checkpoint import load_plain_checkpoint, write_atomically
 
-from .config import UsageError
+from .errors import UsageError
 
 CHECKPOINT_NAME = "checkpoint.pth"  # the latest epoch's, which --resume continues
 BEST_CHECKPOINT_NAME = "checkpoint_best.pth"  # the epoch of the best val top-1 (the EMA's when there is an EMA)

@@ -25,8 +25,9 @@ from revcol import check_gamma_init
 from revcol.checkpoint import write_atomically
 from revcol.memory import PeakBytes
 
-from .config import Option, Parser, UsageError
+from .config import Option, Parser
 from .data import open_splits
+from .errors import UsageError
 from .model import VARIANTS
 from .runtime import (
     CHECKPOINT_NAME,

@@ -32,7 +32,7 @@ from revcol import check_gamma_init
 from revcol.checkpoint import load_plain_checkpoint
 
 from . import hierarchical
-from .config import IMAGENET_1K, TRAIN_OPTIONS, Parser, UsageError, check_options, load_yaml_recipe
+from .config import IMAGENET_1K, TRAIN_OPTIONS, Parser, check_options, load_yaml_recipe
 from .data import (
     DEFAULT_WORKERS,
     check_augment_policy,
@@ -43,6 +43,7 @@ from .data import (
     train_loader,
     train_transform,
 )
+from .errors import UsageError
 from .model import VARIANTS
 from .runtime import (
     AMP_DTYPES,

@@ -8,8 +8,9 @@ is the one the run trained with.
 """
 from typing import Dict, List, Optional
 
-from .config import VALIDATE_OPTIONS, Parser, UsageError, check_options
+from .config import VALIDATE_OPTIONS, Parser, check_options
 from .data import DEFAULT_WORKERS, drop_undecodable, eval_loader, eval_transform, open_splits
+from .errors import UsageError
 from .runtime import (
     AMP_DTYPES,
     check_checkpoint_fits,

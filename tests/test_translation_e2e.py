@@ -19,6 +19,7 @@ import torch
 pytestmark = pytest.mark.slow  # runs the demo, fairseq CLIs and scripts as processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRANSLATION = os.path.join(REPO, "examples", "translation")  # the demo and the WMT tools
 VENV_BIN = os.path.dirname(sys.executable)
 DEMO_UPDATES = 400
 # Measured at 400 updates: 74 BLEU (seed 1). Copying the source scores 0.0 (the languages share only the
@@ -75,7 +76,7 @@ def test_average_checkpoints_writes_the_mean_and_it_loads(demo, tmp_path):
 
     work, _ = demo
     averaged_path = tmp_path / "averaged.pt"
-    check([sys.executable, "scripts/average_checkpoints.py", str(work / "checkpoints"), "--last", "3",
+    check([sys.executable, "examples/translation/average_checkpoints.py", str(work / "checkpoints"), "--last", "3",
            "--output", str(averaged_path)])
 
     def updates(path):
@@ -98,9 +99,9 @@ def test_average_checkpoints_writes_the_mean_and_it_loads(demo, tmp_path):
 
 
 def average_checkpoints_cli(monkeypatch, *argv):
-    """Runs scripts/average_checkpoints.py in this process, where fairseq is already imported."""
+    """Runs examples/translation/average_checkpoints.py in this process, where fairseq is already imported."""
     monkeypatch.setattr(sys, "argv", ["average_checkpoints.py", *argv])
-    runpy.run_path(os.path.join(REPO, "scripts", "average_checkpoints.py"), run_name="__main__")
+    runpy.run_path(os.path.join(TRANSLATION, "average_checkpoints.py"), run_name="__main__")
 
 
 def write_numbered_checkpoints(folder, weights_by_updates):
@@ -119,7 +120,7 @@ def test_average_checkpoints_picks_the_highest_update_counts(tmp_path):
     for name in ["checkpoint_1_900.pt", "checkpoint_2_1000.pt", "checkpoint_2_1100.pt", "checkpoint_1_95.pt",
                  "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_2_1200.pt.tmp"]:
         (tmp_path / name).touch()
-    script = runpy.run_path(os.path.join(REPO, "scripts", "average_checkpoints.py"))
+    script = runpy.run_path(os.path.join(TRANSLATION, "average_checkpoints.py"))
     assert [os.path.basename(p) for p in script["last_checkpoints"](str(tmp_path), 3)] == \
         ["checkpoint_1_900.pt", "checkpoint_2_1000.pt", "checkpoint_2_1100.pt"]
 
@@ -183,7 +184,7 @@ def test_average_checkpoints_names_a_damaged_checkpoint_and_writes_nothing(demo,
         (damaged / path.name).write_bytes(path.read_bytes())
     newest = damaged / inputs[-1].name
     newest.write_bytes(newest.read_bytes()[:100_000])  # cut off, as by a full disk
-    result = run([sys.executable, "scripts/average_checkpoints.py", str(damaged), "--last", "3",
+    result = run([sys.executable, "examples/translation/average_checkpoints.py", str(damaged), "--last", "3",
                   "--output", str(tmp_path / "averaged.pt")])
     assert result.returncode == 1 and "Traceback" not in result.stderr  # (importing fairseq warns on stderr first)
     assert result.stderr.strip().splitlines()[-1] == \
@@ -196,8 +197,8 @@ def test_evaluation_that_fails_keeps_the_earlier_output(demo, tmp_path):
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(work / "checkpoints", checkpoints)
     before = (checkpoints / "generate-test.txt").read_bytes()
-    result = run(["bash", "scripts/evaluate_translation.sh", str(work / "data-bin"), str(checkpoints), "--cpu",
-                  "--no-such-flag"], LAST="1")
+    result = run(["bash", "examples/translation/evaluate_translation.sh", str(work / "data-bin"), str(checkpoints),
+                  "--cpu", "--no-such-flag"], LAST="1")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == \
         f"error: fairseq-generate failed (above); {checkpoints}/generate-test.txt is unchanged"
@@ -206,9 +207,9 @@ def test_evaluation_that_fails_keeps_the_earlier_output(demo, tmp_path):
 
 
 def test_evaluation_generates_with_beam_4_and_lenpen_0_6(demo):
-    # The demo's last step ran scripts/evaluate_translation.sh. fairseq-generate names its beam in the summary line,
-    # and each hypothesis score (H-) is the sum of its token log-probabilities (P-, EOS included) divided by
-    # length ** lenpen, so the lenpen it ran with can be read back: log(sum / score) / log(length). Without the flags
+    # The demo's last step ran examples/translation/evaluate_translation.sh. fairseq-generate names its beam in the
+    # summary line, and each hypothesis score (H-) is the sum of its token log-probabilities (P-, EOS included) divided
+    # by length ** lenpen, so the lenpen it ran with can be read back: log(sum / score) / log(length). Without the flags
     # fairseq would search with its defaults, beam 5 and lenpen 1 (the plain mean).
     work, _ = demo
     scores, positional = {}, {}
@@ -252,17 +253,17 @@ def test_score_translations_orders_splits_compounds_and_rejects_gaps(tmp_path, m
     generate_output = tmp_path / "generate-test.txt"
     sentences = {1: "das ist ein well-known Wort-für-Wort Test", 0: "ein kleiner Satz ."}
     generate_output.write_text("".join(f"S-{i}\tsrc\nT-{i}\t{s}\nH-{i}\t-0.1\t{s}\n" for i, s in sentences.items()))
-    result = check([sys.executable, "scripts/score_translations.py", str(generate_output)])
+    result = check([sys.executable, "examples/translation/score_translations.py", str(generate_output)])
     assert "BLEU = 100.00" in result.stdout
     assert (tmp_path / "generate-test.txt.hyp").read_text().splitlines() == [sentences[0], sentences[1]]
-    monkeypatch.syspath_prepend(os.path.join(REPO, "scripts"))
+    monkeypatch.syspath_prepend(TRANSLATION)
     from score_translations import split_compounds
     # One non-overlapping pass, as the perl one-liner behind the published figures: in "a-b-c" the "b" is
     # consumed by the first match, so the second hyphen stays.
     assert split_compounds("Wort-für-Wort a-b-c") == "Wort ##AT##-##AT## für ##AT##-##AT## Wort a ##AT##-##AT## b-c"
 
     generate_output.write_text("H-0\t-0.1\tein Satz\nH-2\t-0.1\tnoch einer\n")
-    result = run([sys.executable, "scripts/score_translations.py", str(generate_output)])
+    result = run([sys.executable, "examples/translation/score_translations.py", str(generate_output)])
     assert result.returncode != 0 and "lacks hypotheses for sentence ids [1]" in result.stderr
 
 
@@ -272,7 +273,7 @@ def test_tokenized_bleu_counts_the_split_compound_pieces(tmp_path):
     # in 3 words), and sacreBLEU's own tokenizer would cut the markers into more pieces.
     generate_output = tmp_path / "generate-test.txt"
     generate_output.write_text("S-0\tsrc\nT-0\tdas ist well-made\nH-0\t-0.1\tdas ist well-known\n")
-    result = check([sys.executable, "scripts/score_translations.py", str(generate_output)])
+    result = check([sys.executable, "examples/translation/score_translations.py", str(generate_output)])
     assert result.stdout.startswith("tokenized compound-split BLEU = 66.87 (BLEU = 66.87 80.0/75.0/66.7/50.0 ")
 
 
@@ -292,8 +293,8 @@ def test_sacrebleu_scores_the_detokenized_hypotheses_against_the_raw_reference(t
     generate_output.write_text("".join(f"S-{i}\tsrc\nT-{i}\t{h}\nH-{i}\t-0.1\t{h}\n" for i, h in enumerate(tokenized)),
                                encoding="utf-8")
     raw.write_text("".join(r + "\n" for r in raw_references), encoding="utf-8")
-    result = check([sys.executable, "scripts/score_translations.py", str(generate_output), "--raw-ref", str(raw),
-                    "--lang", "de", "--json", str(tmp_path / "bleu.json")])
+    result = check([sys.executable, "examples/translation/score_translations.py", str(generate_output),
+                    "--raw-ref", str(raw), "--lang", "de", "--json", str(tmp_path / "bleu.json")])
     assert f"detokenized sacreBLEU = {expected:.2f} (BLEU = {expected:.2f} " in result.stdout
     assert json.load(open(tmp_path / "bleu.json"))["sacrebleu"] == round(expected, 2) == 90.0
 
@@ -317,8 +318,8 @@ def test_score_translations_bad_input_is_one_line_and_writes_nothing(tmp_path, c
     if case == "missing raw reference":
         raw.unlink()
     json_path = tmp_path / "no" / "bleu.json" if case == "json in a missing folder" else tmp_path / "bleu.json"
-    result = run([sys.executable, "scripts/score_translations.py", str(output), "--raw-ref", str(raw), "--lang", "de",
-                  "--json", str(json_path)])
+    result = run([sys.executable, "examples/translation/score_translations.py", str(output), "--raw-ref", str(raw),
+                  "--lang", "de", "--json", str(json_path)])
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: " + message.format(output=output, raw=raw, tmp=tmp_path)]
@@ -370,8 +371,8 @@ def test_prepare_wmt14_en_fr_tokenizes_cleans_and_binarizes(tmp_path, toy_pairs,
     write_wmt14_en_fr_layout(raw, pairs, [(f"A well-known {en}.", fr) for (en, _), fr in zip(test_pairs, test_refs)])
 
     text, dest = tmp_path / "text", tmp_path / "data-bin"
-    check([sys.executable, "scripts/prepare_wmt.py", "wmt14-en-fr", "--raw-dir", str(raw), "--text-dir", str(text),
-           "--dest", str(dest), "--subword", subword, "--bpe-tokens", "300", "--workers", "2"])
+    check([sys.executable, "examples/translation/prepare_wmt.py", "wmt14-en-fr", "--raw-dir", str(raw),
+           "--text-dir", str(text), "--dest", str(dest), "--subword", subword, "--bpe-tokens", "300", "--workers", "2"])
 
     assert (dest / "dict.en.txt").read_text() == (dest / "dict.fr.txt").read_text()  # one joined dictionary
     for split in ("train", "valid", "test"):
@@ -392,8 +393,9 @@ def test_prepare_wmt14_en_fr_rejects_a_corpus_with_unequal_sides(tmp_path, toy_p
     write_wmt14_en_fr_layout(raw, train_pairs[:500], test_pairs)
     with open(raw / "commoncrawl.fr-en.fr", "a") as f:
         f.write("une ligne de trop\n")
-    result = run([sys.executable, "scripts/prepare_wmt.py", "wmt14-en-fr", "--raw-dir", str(raw), "--text-dir",
-                  str(tmp_path / "text"), "--dest", str(tmp_path / "data-bin"), "--bpe-tokens", "50", "--workers", "1"])
+    result = run([sys.executable, "examples/translation/prepare_wmt.py", "wmt14-en-fr", "--raw-dir", str(raw),
+                  "--text-dir", str(tmp_path / "text"), "--dest", str(tmp_path / "data-bin"), "--bpe-tokens", "50",
+                  "--workers", "1"])
     assert result.returncode != 0 and "do not have the same number of lines" in result.stderr, result.stderr
     assert not (tmp_path / "data-bin").exists()
 
@@ -402,8 +404,8 @@ def test_prepare_wmt14_en_fr_holds_out_every_1333rd_pair_as_valid(tmp_path):
     pairs = [(f"this is pair {i} .", f"voici la paire {i} .") for i in range(1, 2 * 1333 + 5)]  # numbered from 1
     raw, text = tmp_path / "raw", tmp_path / "text"
     write_wmt14_en_fr_layout(raw, pairs, [("a test .", "un essai .")])
-    check([sys.executable, "scripts/prepare_wmt.py", "wmt14-en-fr", "--raw-dir", str(raw), "--text-dir", str(text),
-           "--dest", str(tmp_path / "data-bin"), "--bpe-tokens", "50", "--workers", "2"])
+    check([sys.executable, "examples/translation/prepare_wmt.py", "wmt14-en-fr", "--raw-dir", str(raw),
+           "--text-dir", str(text), "--dest", str(tmp_path / "data-bin"), "--bpe-tokens", "50", "--workers", "2"])
 
     def read(name):
         return (text / name).read_text(encoding="utf-8").splitlines()
@@ -416,7 +418,7 @@ def test_prepare_wmt14_en_fr_holds_out_every_1333rd_pair_as_valid(tmp_path):
 
 
 def test_prepare_wmt_cleaning_drops_pairs_longer_than_1_5_times_the_other_side(monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(REPO, "scripts"))
+    monkeypatch.syspath_prepend(TRANSLATION)
     from prepare_wmt import keep_pair
 
     def sentence(tokens):
@@ -438,8 +440,8 @@ def test_prepare_wmt16_en_de_binarizes_google_corpus(tmp_path, toy_pairs):
         write_lines(raw / f"{prefix}.de", [de for _, de in pairs])
     write_lines(raw / "newstest2014.de", [de.capitalize() + "." for _, de in test_pairs])
     dest = tmp_path / "data-bin"
-    check([sys.executable, "scripts/prepare_wmt.py", "wmt16-en-de", "--raw-dir", str(raw), "--dest", str(dest),
-           "--workers", "1"])
+    check([sys.executable, "examples/translation/prepare_wmt.py", "wmt16-en-de", "--raw-dir", str(raw),
+           "--dest", str(dest), "--workers", "1"])
     assert (dest / "dict.en.txt").read_text() == (dest / "dict.de.txt").read_text()
     assert (dest / "test.en-de.de.bin").stat().st_size > 0
     assert (dest / "test.raw.de").read_text() == (raw / "newstest2014.de").read_text()
@@ -451,7 +453,7 @@ def test_prepare_wmt16_en_de_binarizes_google_corpus(tmp_path, toy_pairs):
 ])
 def test_prepare_wmt_names_the_missing_download(tmp_path, dataset, missing, url):
     extra = ["--text-dir", str(tmp_path / "text")] if dataset == "wmt14-en-fr" else []
-    result = run([sys.executable, "scripts/prepare_wmt.py", dataset, "--raw-dir", str(tmp_path / "raw"),
+    result = run([sys.executable, "examples/translation/prepare_wmt.py", dataset, "--raw-dir", str(tmp_path / "raw"),
                   "--dest", str(tmp_path / "data-bin"), *extra])
     assert result.returncode != 0
     error = result.stderr.strip().splitlines()
@@ -480,7 +482,7 @@ def test_train_recipe_reaches_paper_batch_for_1_to_8_gpus(tmp_path, task, batch_
 
     data_bin = binarized_names(tmp_path / "data-bin", task)
     for gpus in range(1, 9):
-        result = check(["bash", "scripts/train_wmt.sh", task, data_bin, str(tmp_path / "checkpoints")],
+        result = check(["bash", "examples/translation/train_wmt.sh", task, data_bin, str(tmp_path / "checkpoints")],
                        GPUS=str(gpus), DRY_RUN="1")
         argv = shlex.split(result.stdout.splitlines()[-1])
         argv = argv[argv.index("fairseq_cli.train") + 1:]
@@ -499,7 +501,7 @@ def test_train_recipe_reaches_paper_batch_for_1_to_8_gpus(tmp_path, task, batch_
 @pytest.mark.parametrize("gpus", ["0", "9", "16", "two"])
 def test_train_recipe_rejects_bad_gpu_count(tmp_path, gpus):
     data_bin = binarized_names(tmp_path / "data-bin", "en-de")
-    result = run(["bash", "scripts/train_wmt.sh", "en-de", data_bin, str(tmp_path / "checkpoints")],
+    result = run(["bash", "examples/translation/train_wmt.sh", "en-de", data_bin, str(tmp_path / "checkpoints")],
                  GPUS=gpus, DRY_RUN="1")
     assert result.returncode == 2 and result.stderr == f"error: GPUS must be 1 to 8, got '{gpus}'\n"
 
@@ -511,7 +513,8 @@ def test_train_recipe_names_missing_data(tmp_path, missing):
         (tmp_path / "data-bin" / missing).unlink()
     else:
         shutil.rmtree(data_bin)
-    result = run(["bash", "scripts/train_wmt.sh", "en-fr", data_bin, str(tmp_path / "checkpoints")], GPUS="1")
+    result = run(["bash", "examples/translation/train_wmt.sh", "en-fr", data_bin, str(tmp_path / "checkpoints")],
+                 GPUS="1")
     error = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(error) == 1, result.stderr
     assert f"{data_bin}/{missing or 'dict.en.txt'} does not exist" in error[0]

@@ -17,8 +17,8 @@ from PIL import Image
 import revcol_vit.runtime as runtime
 import revcol_vit.train as train_module
 from revcol.checkpoint import write_atomically
-from revcol_vit.config import UsageError
 from revcol_vit.data import open_splits
+from revcol_vit.errors import UsageError
 from revcol_vit.runtime import LOCK_NAME, load_checkpoint, parse_device, seed_all
 from revcol_vit.sweep import main as sweep_main
 from revcol_vit.train import parse_args, train

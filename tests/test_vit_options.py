@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from revcol import check_gamma_init
-from revcol_vit.config import UsageError
+from revcol_vit.errors import UsageError
 from revcol_vit.sweep import sweep, sweep_parser
 from revcol_vit.train import main as train_main
 from revcol_vit.train import parse_args

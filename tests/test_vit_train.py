@@ -19,8 +19,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import revcol_vit.train as train_module
 from revcol import ReversibleColumns
-from revcol_vit.config import UsageError
 from revcol_vit.data import eval_loader, eval_transform, image_folder
+from revcol_vit.errors import UsageError
 from revcol_vit.runtime import Dist, create_model, evaluate, load_checkpoint
 from revcol_vit.sweep import main as sweep_main
 from revcol_vit.train import parse_args, train
@@ -29,8 +29,6 @@ from revcol_vit.validate import main as validate_main
 from revcol_vit.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
-
-pytestmark = pytest.mark.slow  # trains through the CLIs, some in subprocesses
 
 TOY_MODEL = ["--model", "revcol_vit_s", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32",
              "--num-heads", "2", "--depths", "1", "1", "1", "1", "--columns", "2", "--workers", "0"]
@@ -68,6 +66,7 @@ def trained(digits, tmp_path_factory):
     return output, history
 
 
+@pytest.mark.slow
 def test_short_training_learns_digits(trained):
     output, history = trained
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.2
@@ -80,6 +79,7 @@ def test_short_training_learns_digits(trained):
     assert not [name for name in os.listdir(output) if name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_reconstruction_error_is_logged_per_log_interval_and_per_epoch(trained):
     # The worst state the reversible backward rebuilt, relative to the forward's: with the float64 stream it is
     # far below float32's resolution; the epoch's worst goes to log.csv, the worst since the last read to
@@ -97,7 +97,7 @@ def test_reconstruction_error_is_logged_per_log_interval_and_per_epoch(trained):
 
 
 def test_a_nan_reconstruction_error_is_the_epochs_worst(small_digits, tmp_path, monkeypatch):
-    """A NaN among the rebuild errors read at the log intervals reaches log.csv as nan, not as the largest finite
+    """A NaN among the reconstruction errors read at the log intervals reaches log.csv as nan, not as the largest finite
     one."""
     errors = iter([1e-9, math.nan] + [2e-9] * 10)  # 160 images in batches of 16: 10 steps, read every 2nd
     monkeypatch.setattr(ReversibleColumns, "worst_reconstruction_error", lambda self: next(errors))
@@ -107,6 +107,7 @@ def test_a_nan_reconstruction_error_is_the_epochs_worst(small_digits, tmp_path, 
     assert read_csv(tmp_path / "log.csv")[0]["reconstruction_error"] == "nan"
 
 
+@pytest.mark.slow
 def test_validate_cli_prints_the_logged_accuracy(trained, digits, capsys):
     output, history = trained
     validate_main(["--model", "revcol_vit_s", "--checkpoint", str(output / "checkpoint.pth"), "--data", str(digits),
@@ -225,6 +226,7 @@ def test_accumulated_micro_batches_make_the_update_of_the_whole_batch(small_digi
         assert torch.allclose(b["model"][name], weight, rtol=0, atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(small_digits, tmp_path, monkeypatch):
     """With the full recipe's randomness (RandAugment, mixup/cutmix, random erasing, drop path, EMA)."""
     flags = ["--epochs", "3", "--warmup-epochs", "1", "--batch-size", "16", "--lr", "1e-4", "--lr-base-batch", "16",
@@ -292,6 +294,7 @@ def test_a_checkpoint_save_killed_midway_keeps_the_previous_epoch(small_digits, 
     assert [row["epoch"] for row in resumed] == [1, 2]
 
 
+@pytest.mark.slow
 def test_best_and_last_checkpoints_validate_and_resume(small_digits, tmp_path, capsys):
     """--keep-last 2 keeps epochs 3 and 4 of 4; checkpoint_best.pth is the epoch of the best EMA top-1 (the EMA is
     on); both are whole checkpoints that validate reads and --resume (--rewind: an earlier epoch) continues exactly."""
@@ -316,6 +319,7 @@ def test_best_and_last_checkpoints_validate_and_resume(small_digits, tmp_path, c
     assert resumed[3]["train_loss"] == pytest.approx(history[3]["train_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_fine_tuning_at_another_resolution_on_other_classes(trained, small_digits, tmp_path, capsys):
     """Train (the 32 px, 10-class run), then fine-tune at 48 px on 5 classes: one epoch at an lr of 1e-12, so the
     fine-tuned weights are the loaded ones. The backbone is the trained one, the position embedding its 4x4 grid
@@ -420,6 +424,7 @@ def test_log_interval_logs_throughput_and_memory_every_n_steps(small_digits, tmp
     assert all(float(m.group(4)) > 0 for m in matches)
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(small_digits, tmp_path, monkeypatch):
     """``--compile``, with drop path on: the compiled levels replay the same masks as eager ones."""
     flags = [*NO_AUGMENTATION, "--drop-path", "0.3", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16",
@@ -437,6 +442,7 @@ def test_compiled_training_matches_eager(small_digits, tmp_path, monkeypatch):
         assert torch.allclose(weight, b["model"][name], rtol=0, atol=1e-5), name
 
 
+@pytest.mark.slow
 def test_sweep_writes_csv_and_png(small_digits, tmp_path):
     sweep_main(["--data", str(small_digits), "--output", str(tmp_path), "--img-size", "32", "--patch-size", "8",
                 "--embed-dim", "16", "--num-heads", "2", "--epochs", "1", "--batch-size", "32", "--lr", "1e-4",
@@ -521,6 +527,7 @@ def test_bad_input_is_one_clear_error(tmp_path, case, flags, message):
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
 
 
+@pytest.mark.slow
 def test_an_earlier_run_is_not_overwritten_without_resume(trained, digits):
     output, _ = trained
     before = (output / "checkpoint.pth").read_bytes()
@@ -529,6 +536,7 @@ def test_an_earlier_run_is_not_overwritten_without_resume(trained, digits):
     assert (output / "checkpoint.pth").read_bytes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [  # every other way a file can be wrong: tests/test_checkpoint.py
     ("truncated", "cannot be read: truncated, or not a torch checkpoint (RuntimeError)"),
     ("another torch file", "was not written by revcol_vit.train (it lacks optimizer, scheduler"),
@@ -547,6 +555,7 @@ def test_unreadable_checkpoint_is_one_clear_error(trained, small_digits, tmp_pat
     assert len(error) == 1 and error[0].startswith(f"error: checkpoint {path} {message}"), error
 
 
+@pytest.mark.slow
 def test_cli_prints_bad_input_as_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "revcol_vit.train", "--data", str(tmp_path / "missing")],
                             cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -575,6 +584,7 @@ def test_undecodable_images_are_an_error_that_names_and_counts_them(small_digits
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_skipped_undecodable_images_are_counted_once_and_never_trained_or_evaluated(small_digits, tmp_path, caplog,
                                                                                      capsys):
     data = with_undecodable_images(small_digits, tmp_path / "data")

@@ -6,11 +6,12 @@
 # Steps: generate the toy corpus (make_toy_corpus.py), learn and apply a joint BPE (subword-nmt), binarize with
 # one joined dictionary (fairseq-preprocess), train revcol_transformer_tiny (2 columns of 2 levels, d 64,
 # reversible encoder) for MAX_UPDATE updates (default 600), then translate the test set with beam 4 and score it
-# (scripts/evaluate_translation.sh). Takes 2 to 4 minutes on 2 CPU cores.
+# (examples/translation/evaluate_translation.sh). Takes 2 to 4 minutes on 2 CPU cores.
 # Training logs go to WORK_DIR/train.log (JSON lines, one per log interval and validation).
 set -euo pipefail
 
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
 WORK=${1:-$REPO/runs/translation_demo}
 MAX_UPDATE=${MAX_UPDATE:-600}
 if ! [[ $MAX_UPDATE =~ ^[0-9]+$ ]] || (( MAX_UPDATE < 100 )); then
@@ -25,7 +26,7 @@ export PYTHON PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 start=$SECONDS
 
 echo "== 1/5 synthetic corpus -> $WORK/raw"
-"$PYTHON" "$REPO/examples/translation/make_toy_corpus.py" "$WORK/raw"
+"$PYTHON" "$HERE/make_toy_corpus.py" "$WORK/raw"
 
 echo "== 2/5 joint BPE (300 merges)"
 mkdir -p "$WORK/bpe"
@@ -60,7 +61,7 @@ rm -rf "$WORK/checkpoints" "$WORK/train.log"
 # mean of the checkpoints at 200, 300 and 400 updates had a validation NLL of 2.2 bits against 1.7 for the last
 # one). Evaluate the last one; the WMT recipes average the last 5, 2000 updates apart.
 echo "== 5/5 translate the test set with the last checkpoint, score"
-LAST=1 MAX_TOKENS=4000 "$REPO/scripts/evaluate_translation.sh" "$WORK/data-bin" "$WORK/checkpoints" --cpu
+LAST=1 MAX_TOKENS=4000 "$HERE/evaluate_translation.sh" "$WORK/data-bin" "$WORK/checkpoints" --cpu
 echo "== done in $((SECONDS - start)) s; example translations:"
 # Only the first lines go into the pipe: with pipefail, a paste cut off by head would fail the demo (SIGPIPE).
 paste <(head -n 3 "$WORK/raw/test.src") <(head -n 3 "$WORK/checkpoints/generate-test.txt.hyp") | sed 's/\t/\n  -> /'

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Trains RevCol-Transformer (Table 10) on WMT with the paper's schedule and Ott et al. (2018)'s optimizer.
 #
-#   GPUS=8 scripts/train_wmt.sh en-de DATA_BIN SAVE_DIR [extra fairseq-train flags]
-#   GPUS=8 scripts/train_wmt.sh en-fr DATA_BIN SAVE_DIR [extra fairseq-train flags]
+#   GPUS=8 examples/translation/train_wmt.sh en-de DATA_BIN SAVE_DIR [extra fairseq-train flags]
+#   GPUS=8 examples/translation/train_wmt.sh en-fr DATA_BIN SAVE_DIR [extra fairseq-train flags]
 #
 # en-de: WMT'16 En-De, 300K updates of 28,672 tokens; arch revcol_transformer (dropout 0.3), lr 5e-4: the
 #        setting of Ott et al. for this batch size (8 GPUs x 3584 tokens; fairseq examples/scaling_nmt).
@@ -15,9 +15,9 @@
 # per step (what fits a 16 GB V100 in Ott et al.), accumulated until GPUS x max_tokens x update_freq reaches
 # the paper's batch (exactly for 1, 2, 4 and 8 GPUs, within 0.1% otherwise). --max-tokens caps a batch, so the
 # tokens of a real batch are a little lower, as in the paper. DATA_BIN must hold fairseq-preprocess's output
-# (scripts/prepare_wmt.py). DRY_RUN=1 prints the command instead of running it. Checkpoints every SAVE_INTERVAL
-# updates (default 2000; the last 10 kept for averaging), JSON log lines in SAVE_DIR/train.log, TensorBoard event
-# files in SAVE_DIR/tensorboard.
+# (prepare_wmt.py, beside this script). DRY_RUN=1 prints the command instead of running it. Checkpoints every
+# SAVE_INTERVAL updates (default 2000; the last 10 kept for averaging), JSON log lines in SAVE_DIR/train.log,
+# TensorBoard event files in SAVE_DIR/tensorboard.
 set -euo pipefail
 
 if [[ $# -lt 3 || ( $1 != en-de && $1 != en-fr ) ]]; then
@@ -34,7 +34,7 @@ if ! [[ $GPUS =~ ^[1-8]$ ]]; then
     echo "error: GPUS must be 1 to 8, got '$GPUS'" >&2
     exit 2
 fi
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
 if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=python
     [[ -x "$REPO/.venv/bin/python" ]] && PYTHON="$REPO/.venv/bin/python"
@@ -49,7 +49,7 @@ fi
 # fairseq-train would fail on missing data with a traceback in every one of its GPU processes.
 for file in dict.en.txt "dict.${TASK#en-}.txt" "train.$TASK.en.idx" "valid.$TASK.en.idx"; do
     if [[ ! -f "$DATA_BIN/$file" ]]; then
-        echo "error: $DATA_BIN/$file does not exist: binarize the data first (scripts/prepare_wmt.py, docs/translation.md)" >&2
+        echo "error: $DATA_BIN/$file does not exist: binarize the data first (examples/translation/prepare_wmt.py, docs/translation.md)" >&2
         exit 1
     fi
 done

@@ -3,7 +3,7 @@
 # checkpoints, translates the test set with beam 4 and length penalty 0.6, and prints tokenized compound-split
 # BLEU plus, when DATA_BIN/test.raw.<tgt> exists, detokenized sacreBLEU with its signature.
 #
-#   scripts/evaluate_translation.sh DATA_BIN CHECKPOINT_DIR [extra fairseq-generate flags, e.g. --cpu]
+#   examples/translation/evaluate_translation.sh DATA_BIN CHECKPOINT_DIR [extra fairseq-generate flags, e.g. --cpu]
 #
 # Environment: LAST (checkpoints to average, saved with --save-interval-updates; default 5),
 # REMOVE_BPE (subword_nmt or sentencepiece; default subword_nmt), MAX_TOKENS (per generation batch; 8000).
@@ -20,7 +20,8 @@ shift 2
 LAST=${LAST:-5}
 REMOVE_BPE=${REMOVE_BPE:-subword_nmt}
 MAX_TOKENS=${MAX_TOKENS:-8000}
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
 if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=python
     [[ -x "$REPO/.venv/bin/python" ]] && PYTHON="$REPO/.venv/bin/python"
@@ -40,7 +41,7 @@ pair=$(basename "$test_index" | cut -d. -f2)
 target_lang=${pair#*-}
 
 averaged="$CHECKPOINT_DIR/averaged_last$LAST.pt"
-"$PYTHON" "$REPO/scripts/average_checkpoints.py" "$CHECKPOINT_DIR" --last "$LAST" --output "$averaged"
+"$PYTHON" "$HERE/average_checkpoints.py" "$CHECKPOINT_DIR" --last "$LAST" --output "$averaged"
 
 # --required-batch-size-multiple 1: fairseq-fixed 0.12.3.1 silently drops a last batch smaller than the
 # multiple (8 by default), i.e. up to 7 test sentences. The output replaces an earlier one only when complete.
@@ -59,5 +60,5 @@ raw_reference=()
 if [[ -f "$DATA_BIN/test.raw.$target_lang" ]]; then
     raw_reference=(--raw-ref "$DATA_BIN/test.raw.$target_lang")
 fi
-"$PYTHON" "$REPO/scripts/score_translations.py" "$output" --lang "$target_lang" \
+"$PYTHON" "$HERE/score_translations.py" "$output" --lang "$target_lang" \
     --json "$CHECKPOINT_DIR/bleu.json" "${raw_reference[@]}"

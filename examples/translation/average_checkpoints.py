@@ -7,7 +7,7 @@ revcol_fairseq allows the one extra global fairseq checkpoints hold), averages e
 float64 and writes a checkpoint that fairseq-generate loads like any other: the newest input with its weights
 replaced. The output is written to a temporary file first and renamed, so it is never half-written.
 
-    python scripts/average_checkpoints.py checkpoints/wmt16_en_de --last 5 --output checkpoints/averaged.pt
+    python examples/translation/average_checkpoints.py checkpoints/wmt16_en_de --last 5 --output checkpoints/averaged.pt
 """
 import argparse
 import os

@@ -222,6 +222,8 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_st
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, named, options=options)
+    for group, saved in zip(optimizer.param_groups, optimizer_state["param_groups"]):  # as saved (betas a tuple)
+        group.update((key, value) for key, value in saved.items() if key != "params")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -20,12 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 TIMEOUT_S = 120
 
+VIT = ["--model", "revcol_vit_s", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--num-heads", "2",
+       "--depths", "1", "1", "--columns", "2"]
 # 4 steps of 10 images an epoch; every random augmentation off, so both runs see the same images.
-FLAGS = ["--model", "revcol_vit_s", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--num-heads", "2",
-         "--depths", "1", "1", "--columns", "2", "--workers", "0", "--warmup-epochs", "0", "--batch-size", "10",
-         "--lr", "1e-3", "--lr-base-batch", "10", "--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0",
-         "--smoothing", "0", "--scale", "1", "1", "--ratio", "1", "1", "--hflip", "0", "--drop-path", "0",
-         "--ema-decay", "0", "--log-interval", "1"]
+RECIPE = ["--workers", "0", "--warmup-epochs", "0", "--batch-size", "10", "--lr", "1e-3", "--lr-base-batch", "10",
+          "--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--smoothing", "0", "--scale", "1", "1",
+          "--ratio", "1", "1", "--hflip", "0", "--drop-path", "0", "--ema-decay", "0", "--log-interval", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def digits(tmp_path_factory) -> Path:
 def torchrun(data: Path, output: Path, *flags: str) -> str:
     """``torchrun --nproc-per-node 2 -m revcol_vit.train``; its output (it must exit 0)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "revcol_vit.train", "--data", str(data), "--output", str(output), *FLAGS, *flags]
+               "-m", "revcol_vit.train", "--data", str(data), "--output", str(output), *RECIPE, *flags]
     log = output.parent / f"{output.name}.log"
     with open(log, "w") as f:  # a file, not a pipe: a rank blocked on a full pipe would stall the other
         proc = subprocess.Popen(command, cwd=output.parent, env=ENV, stdout=f, stderr=subprocess.STDOUT,
@@ -81,8 +81,8 @@ def assert_same_checkpoint(ckpt, reference, atol: float = 0.0) -> None:
 def test_fsdp_trains_as_ddp_to_the_bit_and_resumes(digits, tmp_path):
     """2 epochs of DDP and of --fsdp, then --fsdp --resume of the --fsdp run's epoch-1 checkpoint: the checkpoints
     of every epoch are those of DDP, bit for bit (model, Adam moments, losses), and so are the logged losses."""
-    ddp_log = torchrun(digits, tmp_path / "ddp", "--epochs", "2", "--keep-last", "2")
-    fsdp_log = torchrun(digits, tmp_path / "fsdp", "--epochs", "2", "--keep-last", "2", "--fsdp")
+    ddp_log = torchrun(digits, tmp_path / "ddp", *VIT, "--epochs", "2", "--keep-last", "2")
+    fsdp_log = torchrun(digits, tmp_path / "fsdp", *VIT, "--epochs", "2", "--keep-last", "2", "--fsdp")
     assert logged_losses(fsdp_log) == logged_losses(ddp_log)
     for name in ("checkpoint_epoch1.pth", "checkpoint.pth"):
         ddp = load_checkpoint(str(tmp_path / "ddp" / name))
@@ -91,7 +91,7 @@ def test_fsdp_trains_as_ddp_to_the_bit_and_resumes(digits, tmp_path):
         fsdp["args"] = ddp["args"] = None
         assert_same_checkpoint(fsdp, ddp)
 
-    resumed_log = torchrun(digits, tmp_path / "fsdp", "--epochs", "2", "--fsdp", "--rewind",
+    resumed_log = torchrun(digits, tmp_path / "fsdp", *VIT, "--epochs", "2", "--fsdp", "--rewind",
                            "--resume", str(tmp_path / "fsdp" / "checkpoint_epoch1.pth"))
     assert logged_losses(resumed_log) == logged_losses(ddp_log)[4:]
     resumed = load_checkpoint(str(tmp_path / "fsdp" / "checkpoint.pth"))
@@ -103,7 +103,8 @@ def test_fsdp_trains_as_ddp_to_the_bit_and_resumes(digits, tmp_path):
 def test_fsdp_with_accumulation_and_clipping_matches_ddp_to_rounding(digits, tmp_path):
     """Under --fsdp each accumulation micro-step reduce-scatters its gradients (DDP sums them locally first) and the
     gradient norm is summed over shards: float32 rounding apart, the same training."""
-    flags = ["--epochs", "1", "--batch-size", "8", "--lr-base-batch", "8", "--accum-steps", "2", "--clip-grad", "0.5"]
+    flags = [*VIT, "--epochs", "1", "--batch-size", "8", "--lr-base-batch", "8", "--accum-steps", "2",
+             "--clip-grad", "0.5"]
     ddp_log = torchrun(digits, tmp_path / "ddp", *flags)
     fsdp_log = torchrun(digits, tmp_path / "fsdp", *flags, "--fsdp")
     ckpt, reference = (torch.load(tmp_path / run / "checkpoint.pth", weights_only=False) for run in ("fsdp", "ddp"))
@@ -112,9 +113,24 @@ def test_fsdp_with_accumulation_and_clipping_matches_ddp_to_rounding(digits, tmp
     assert logged_losses(fsdp_log) == logged_losses(ddp_log)
 
 
+@pytest.mark.slow
+def test_fsdp_trains_a_hierarchical_model_with_intermediate_supervision_as_ddp_to_the_bit(digits, tmp_path):
+    """revcol_tiny's columns are sharded as RevCol-ViT's are; its heads and decoders on the tapped columns (the
+    Section 2.3 loss, on from scratch) go with the root."""
+    flags = ["--model", "revcol_tiny", "--dims", "8", "16", "16", "16", "--depths", "1", "1", "1", "1",
+             "--columns", "4", "--epochs", "1"]
+    ddp_log = torchrun(digits, tmp_path / "ddp", *flags)
+    fsdp_log = torchrun(digits, tmp_path / "fsdp", *flags, "--fsdp")
+    assert logged_losses(fsdp_log) == logged_losses(ddp_log)
+    ckpt, reference = (load_checkpoint(str(tmp_path / run / "checkpoint.pth")) for run in ("fsdp", "ddp"))
+    assert any(name.startswith("aux_heads.") for name in reference["model"])
+    ckpt["args"] = reference["args"] = None
+    assert_same_checkpoint(ckpt, reference)
+
+
 def test_fsdp_without_torchrun_is_one_line(digits, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--data", str(digits), "--output", str(tmp_path / "run"), *FLAGS, "--epochs", "1", "--fsdp"])
+        main(["--data", str(digits), "--output", str(tmp_path / "run"), *VIT, *RECIPE, "--epochs", "1", "--fsdp"])
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors == ["error: --fsdp shards over the ranks of a torchrun launch (2 or more processes); one process "
@@ -127,6 +143,6 @@ def test_fsdp_without_torchrun_is_one_line(digits, tmp_path, capsys):
     (["--compile"], "--fsdp with --compile is not supported"),
 ])
 def test_fsdp_refuses_what_it_does_not_support(digits, flags, error):
-    args = parse_args(["--data", str(digits), *FLAGS, "--fsdp", *flags])
+    args = parse_args(["--data", str(digits), *VIT, *RECIPE, "--fsdp", *flags])
     with pytest.raises(UsageError, match=re.escape(error)):
         check_fsdp(args, Dist(rank=0, world_size=2, device=torch.device("cpu")))

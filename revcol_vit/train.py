@@ -235,8 +235,6 @@ def check_fsdp(args, d: Dist) -> None:
     if args.ema_decay > 0:
         raise UsageError(f"--fsdp keeps no EMA of the weights (a whole copy on every rank): add --ema-decay 0 "
                          f"(got {args.ema_decay})")
-    if args.compile:
-        raise UsageError("--fsdp with --compile is not supported: leave one out")
     if args.amp == "fp16":
         raise UsageError("--fsdp with --amp fp16 is not supported (its grad scaler is not checked on sharded "
                          "gradients): use --amp bf16")

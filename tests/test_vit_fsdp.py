@@ -100,11 +100,12 @@ def test_fsdp_trains_as_ddp_to_the_bit_and_resumes(digits, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_with_accumulation_and_clipping_matches_ddp_to_rounding(digits, tmp_path):
+def test_fsdp_with_accumulation_clipping_and_compiled_levels_matches_ddp_to_rounding(digits, tmp_path):
     """Under --fsdp each accumulation micro-step reduce-scatters its gradients (DDP sums them locally first) and the
-    gradient norm is summed over shards: float32 rounding apart, the same training."""
+    gradient norm is summed over shards: float32 rounding apart, the same training. The compiled levels run on the
+    gathered parameters in the forward and in the reversible recompute alike."""
     flags = [*VIT, "--epochs", "1", "--batch-size", "8", "--lr-base-batch", "8", "--accum-steps", "2",
-             "--clip-grad", "0.5"]
+             "--clip-grad", "0.5", "--compile"]
     ddp_log = torchrun(digits, tmp_path / "ddp", *flags)
     fsdp_log = torchrun(digits, tmp_path / "fsdp", *flags, "--fsdp")
     ckpt, reference = (torch.load(tmp_path / run / "checkpoint.pth", weights_only=False) for run in ("fsdp", "ddp"))
@@ -140,7 +141,7 @@ def test_fsdp_without_torchrun_is_one_line(digits, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, error", [
     (["--ema-decay", "0.9999"], "--fsdp keeps no EMA of the weights"),
-    (["--compile"], "--fsdp with --compile is not supported"),
+    (["--amp", "fp16"], "--fsdp with --amp fp16 is not supported"),
 ])
 def test_fsdp_refuses_what_it_does_not_support(digits, flags, error):
     args = parse_args(["--data", str(digits), *VIT, *RECIPE, "--fsdp", *flags])

@@ -327,6 +327,8 @@ TRAIN_OPTIONS: Dict[Optional[str], Dict[str, Option]] = {
         device=Option(optional=True, help="default: cuda (this rank's GPU) if available, else cpu"),
         compile=Option(bool, help="torch.compile the model (a RevCol model: each level function, the reversible "
                                   "backward stays eager); the first steps are slow while it compiles"),
+        fsdp=Option(bool, help="under torchrun, shard parameters, gradients and optimizer state over the ranks with "
+                               "FSDP2 (each column, then the rest of the model) instead of replicating them (DDP)"),
     ),
 }
 

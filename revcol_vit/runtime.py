@@ -9,7 +9,7 @@ import shutil
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import timm
@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from timm.utils import accuracy
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 
 from revcol.checkpoint import load_plain_checkpoint, write_atomically
@@ -94,6 +95,14 @@ def all_reduce_sum(values: List[float], d: Dist) -> List[float]:
     return t.tolist()
 
 
+def all_reduce_max(value: int, d: Dist) -> int:
+    if d.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 # --- random number generators ---------------------------------------------------------------------------------------
 
 def seed_all(seed: int) -> None:
@@ -153,6 +162,70 @@ def compile_model(model: nn.Module) -> None:
         model.compile()
 
 
+def shard_model(model: nn.Module, d: Dist) -> nn.Module:
+    """FSDP2 (``fully_shard``) in place, over all ranks: each reversible column of a RevCol model, then the root
+    (embedding, head and whatever no column holds). A column's parameters are gathered for its forward and, in a
+    reversible backward, again for its recompute; its gradients are reduce-scattered once its backward is done.
+    Build the optimizer after this: sharding replaces the parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    for column in model.revcol.columns if hasattr(model, "revcol") else []:
+        fully_shard(column, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The model's and the optimizer's state dicts, in the format of an unsharded model's on every rank.
+
+    Under FSDP2 every rank must call this: the whole tensors are gathered onto the main rank's CPU, and the other
+    ranks get empty dicts. The optimizer state is numbered as ``optimizer.state_dict()`` numbers it, so that a
+    checkpoint of a sharded run loads into an unsharded one and the other way round."""
+    if not isinstance(model, FSDPModule):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    named = get_optimizer_state_dict(model, optimizer, options=options)  # keyed by parameter names
+    if not named:
+        return model_state, named
+    # Optimizer.state_dict numbers the parameters in the order of its groups, which the named dict keeps.
+    number = {name: i for i, name in enumerate(name for group in named["param_groups"] for name in group["params"])}
+    return model_state, dict(state={number[name]: value for name, value in named["state"].items()},
+                             param_groups=[dict(group, params=[number[name] for name in group["params"]])
+                                           for group in named["param_groups"]])
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: Dict[str, Any],
+                    optimizer_state: Dict[str, Any]) -> None:
+    """Loads what ``full_state`` returned (a sharded run's or an unsharded one's) into ``model`` and ``optimizer``,
+    sharded or not; under FSDP2 every rank passes the whole state and keeps its shards of it."""
+    if not isinstance(model, FSDPModule):
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    names = {param: name for name, param in model.named_parameters()}
+    ours = [names[param] for group in optimizer.param_groups for param in group["params"]]
+    theirs = [i for group in optimizer_state["param_groups"] for i in group["params"]]
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if sizes != [len(group["params"]) for group in optimizer_state["param_groups"]] or sorted(theirs) != list(
+            range(len(ours))):
+        raise ValueError("the optimizer state does not fit this model's parameter groups")
+    name = dict(zip(theirs, ours))
+    named = dict(state={name[i]: value for i, value in optimizer_state["state"].items()},
+                 param_groups=[dict(group, params=[name[i] for i in group["params"]])
+                               for group in optimizer_state["param_groups"]])
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, named, options=options)
+    for group, saved in zip(optimizer.param_groups, optimizer_state["param_groups"]):  # as saved (betas a tuple)
+        group.update((key, value) for key, value in saved.items() if key != "params")
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -161,6 +234,9 @@ def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp_dtype: Optional[
     """Cross-entropy, top-1 and top-5 (%) over the whole split, summed across ranks, and the number of images."""
     model.eval()
     loss_sum = top1_sum = top5_sum = count = 0.0
+    # Under FSDP2 each forward gathers the parameters with every rank: a rank whose share of the split has fewer
+    # batches repeats its last one, uncounted, as often as the rank with the most needs.
+    repeats = all_reduce_max(len(loader), d) - len(loader) if isinstance(model, FSDPModule) else 0
     with torch.no_grad():
         for images, targets in loader:
             images, targets = images.to(d.device), targets.to(d.device)
@@ -173,6 +249,9 @@ def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp_dtype: Optional[
             top1_sum += top1.item() * n
             top5_sum += top5.item() * n
             count += n
+        for _ in range(repeats):
+            with torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                model(images)
     loss_sum, top1_sum, top5_sum, count = all_reduce_sum([loss_sum, top1_sum, top5_sum, count], d)
     return dict(loss=loss_sum / count, top1=top1_sum / count, top5=top5_sum / count, images=int(count))
 

@@ -63,7 +63,9 @@ from .runtime import (
     create_model,
     epoch_checkpoint_path,
     evaluate,
+    full_state,
     load_checkpoint,
+    load_full_state,
     lock_folder,
     make_output_folder,
     remove_epoch_checkpoints,
@@ -74,6 +76,7 @@ from .runtime import (
     seed_all,
     set_rng_state,
     setup_distributed,
+    shard_model,
     tensorboard_writer,
     write_csv,
 )
@@ -93,7 +96,7 @@ def build_parser() -> Parser:
                       "docs/vit_training.md).")
     defaults = dict(IMAGENET_1K, output="runs/revcol_vit", seed=0, model="revcol_vit_s", accum_steps=1, amp="none",
                     workers=DEFAULT_WORKERS, compile=False, skip_bad_images=False, keep_last=0, dataset="",
-                    log_interval=100, rewind=False)
+                    log_interval=100, rewind=False, fsdp=False)
     for title, options in TRAIN_OPTIONS.items():
         p.add_options(title, options, **defaults)
     return p
@@ -225,10 +228,23 @@ def check_batch(args, d: Dist) -> int:
     return micro_batch
 
 
+def check_fsdp(args, d: Dist) -> None:
+    """What --fsdp does not combine with, as one line."""
+    if d.world_size == 1:
+        raise UsageError("--fsdp shards over the ranks of a torchrun launch (2 or more processes); one process "
+                         "trains unsharded without it")
+    if args.ema_decay > 0:
+        raise UsageError(f"--fsdp keeps no EMA of the weights (a whole copy on every rank): add --ema-decay 0 "
+                         f"(got {args.ema_decay})")
+    if args.amp == "fp16":
+        raise UsageError("--fsdp with --amp fp16 is not supported (its grad scaler is not checked on sharded "
+                         "gradients): use --amp bf16")
+
+
 @dataclass
 class Training:
     """What the optimizer steps change, which is what a checkpoint saves besides the log and RNG states."""
-    model: nn.Module  # not wrapped in DDP
+    model: nn.Module  # not wrapped in DDP; sharded in place under --fsdp
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
@@ -236,13 +252,14 @@ class Training:
     num_updates: int = 0
 
     def state_dict(self) -> Dict[str, Any]:
-        return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+        """Under --fsdp every rank calls this; the main rank's holds the whole model, the others' is empty."""
+        model, optimizer = full_state(self.model, self.optimizer)
+        return dict(model=model, optimizer=optimizer,
                     scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
                     ema=self.ema.module.state_dict() if self.ema is not None else None, step=self.num_updates)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"])
@@ -337,7 +354,8 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
             images, targets = mixup(images, targets)
         update = (i + 1) % args.accum_steps == 0
         # Gradients of the accumulation micro-steps stay local; the last one all-reduces their sum.
-        with ddp_model.no_sync() if d.world_size > 1 and not update else nullcontext():
+        # Under --fsdp each micro-step reduce-scatters into the sharded gradients: no whole gradients are kept.
+        with ddp_model.no_sync() if d.world_size > 1 and not update and not args.fsdp else nullcontext():
             with torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if getattr(t.model, "aux_heads", None) is not None:  # a hierarchical model's Section 2.3 loss
                     logits, decoded = ddp_model(images, supervised=True)
@@ -472,6 +490,8 @@ def train(args) -> List[Dict[str, Any]]:
     if args.amp == "fp16" and d.device.type != "cuda":
         raise UsageError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
     micro_batch = check_batch(args, d)
+    if args.fsdp:
+        check_fsdp(args, d)
     created, lock, error = False, None, None
     try:
         if d.is_main:
@@ -531,6 +551,10 @@ def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
         raise UsageError(f"{len(train_set)} training images do not fill one batch of {args.batch_size}")
     val_loader = eval_loader(splits["val"], rank=d.rank, world_size=d.world_size,
                              batch_size=micro_batch, workers=args.workers, pin_memory=pin_memory)
+    if args.fsdp:
+        if len(splits["val"]) < d.world_size:  # every rank takes part in each forward
+            raise UsageError(f"--fsdp needs a validation image per rank: {len(splits['val'])} for {d.world_size}")
+        shard_model(model, d)  # before the optimizer is built on the (then sharded) parameters
     t = build_training(args, model, updates_per_epoch, d.device)
     if args.compile:  # after the EMA copy is taken: that copy stays eager
         compile_model(model)
@@ -551,7 +575,7 @@ def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
                             len(ckpt["rng"]), d.world_size)
         _logger.info("resumed from %s at epoch %d, step %d", args.resume, start_epoch, t.num_updates)
 
-    ddp_model = DistributedDataParallel(model) if d.world_size > 1 else model
+    ddp_model = DistributedDataParallel(model) if d.world_size > 1 and not args.fsdp else model
     writer = None
     if d.is_main:
         os.makedirs(args.output, exist_ok=True)
@@ -581,8 +605,9 @@ def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
         history.append(row)
 
         rng = all_rng_states(d)  # after the epoch's last random draw: the next epoch starts from here
+        state = t.state_dict()  # under --fsdp every rank takes part in gathering it
         if d.is_main:
-            save_checkpoint(dict(t.state_dict(), epoch=epoch + 1, args=vars(args), model_kwargs=kwargs,
+            save_checkpoint(dict(state, epoch=epoch + 1, args=vars(args), model_kwargs=kwargs,
                                  classes=classes, history=history, rng=rng), checkpoint)
             keep_checkpoints(args, history, checkpoint, best_by="ema_top1" if t.ema is not None else "val_top1")
             write_csv(history, os.path.join(args.output, LOG_NAME))

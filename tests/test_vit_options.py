@@ -69,6 +69,7 @@ TRAIN_TABLE = {
     "log_interval": (10, "often", -1),
     "device": ("cpu", 0, None),
     "compile": (True, "yes", None),
+    "fsdp": (True, "yes", None),
     "skip_bad_images": (True, 1, None),
     "variants": (["2x16"], "2x16x", ["3x11"]),  # the sweep's own
 }

@@ -1,6 +1,11 @@
-"""The ImageNet-1K training recipe of Table 11 (Appendix D.2) and YAML recipe files that override it."""
+"""The options of the CLIs, each described once (type, range, default, help), and YAML recipe files that set them.
+
+The training defaults are the ImageNet-1K recipe of Table 11 (Appendix D.2).
+"""
 import argparse
+import copy
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
@@ -9,41 +14,12 @@ import yaml
 
 from .errors import UsageError
 
-# Table 11, ImageNet-1K column. Peak lr 4e-3 is for batch 4096 and scales linearly with the global batch.
-# The table leaves the lr floor, the warmup start and the eval crop open: these follow ConvNeXt, whose
-# training code the RevCol release builds on.
-IMAGENET_1K: Dict[str, Any] = dict(
-    img_size=224,
-    epochs=300,
-    warmup_epochs=20,
-    batch_size=4096,
-    lr=4e-3,
-    lr_base_batch=4096,
-    min_lr=1e-6,
-    warmup_lr=1e-6,
-    opt="adamw",
-    opt_betas=[0.9, 0.999],
-    weight_decay=0.05,
-    clip_grad=None,  # "x" in the table: no clipping
-    ema_decay=0.9999,
-    smoothing=0.1,
-    aa="rand-m9-mstd0.5-inc1",  # RandAug(9, 0.5)
-    mixup=0.8,
-    cutmix=1.0,
-    reprob=0.25,
-    scale=[0.08, 1.0],
-    ratio=[3 / 4, 4 / 3],
-    hflip=0.5,
-    interpolation="bicubic",
-    crop_pct=0.875,
-)
-
-
 # --- the typed schema of every option -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Option:
-    """One option's type, count, range and choices: flags and YAML values are checked against the same schema.
+    """One option's type, count, range, choices, default and help: its flag, its YAML key and its default all come
+    from here.
 
     ``kind`` is int, float, str or bool. ``count`` is None for one value, n for exactly n, "+" for one or more.
     Bounds apply to every value; ``ordered`` asks a pair to be (low, high). ``optional`` allows None (unset).
@@ -60,7 +36,7 @@ class Option:
     required: bool = False  # a flag the command line must give (validate's; train's --data may come from YAML)
     help: Optional[str] = None
     choices_are: Optional[str] = None  # the choices in words, where they are too many to list
-
+    default: Any = None
 
     def describe(self) -> str:
         """What a valid value is, in words: 'an integer >= 1', 'a list of 2 numbers in (0, 1], low <= high'."""
@@ -146,12 +122,12 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError(message)
 
-    def add_options(self, title: Optional[str], options: Dict[str, Option], **defaults: Any) -> None:
-        """Adds ``--name`` flags for the schema's ``options`` (a group if ``title``), with these defaults."""
+    def add_options(self, title: Optional[str], options: Dict[str, Option]) -> None:
+        """Adds ``--name`` flags for the schema's ``options`` (a group if ``title``), with the options' defaults."""
         group = self.add_argument_group(title) if title else self
         for name, option in options.items():
             flag = "--" + name.replace("_", "-")
-            kwargs = dict(help=option.help, default=defaults.get(name), required=option.required)
+            kwargs = dict(help=option.help, default=copy.deepcopy(option.default), required=option.required)
             if option.kind is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
@@ -236,99 +212,118 @@ def _timm_optimizers() -> Tuple[str, ...]:
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")  # timm's PIL modes
 AMP_CHOICES = ("bf16", "fp16", "none")
-COUNT = Option(int, at_least=1)
-PROBABILITY = Option(float, at_least=0, at_most=1)
-NON_NEGATIVE = Option(float, at_least=0)
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)  # data loading processes per rank
 SIZE = Option(int, at_least=1, optional=True)  # a model size; unset keeps the model's own
-SKIP_BAD_IMAGES = Option(bool, help="leave out the images that cannot be decoded (their count is logged) instead of "
-                                    "refusing to start; every class still needs a decodable image")
+SKIP_BAD_IMAGES = Option(bool, default=False,
+                         help="leave out the images that cannot be decoded (their count is logged) instead of refusing "
+                              "to start; every class still needs a decodable image")
 
-# Every option of revcol_vit.train (and the sweep, which adds its own): group title -> name -> schema.
+# The model options that the CLI passes to the model when set: each is named as the keyword argument of the model
+# constructors it sets (RevColViT, and the hierarchical RevCol), so no name is translated on the way.
+MODEL_KWARGS: Dict[str, Option] = dict(
+    drop_path_rate=Option(float, at_least=0, below=1, optional=True,
+                          help="stochastic depth rate (default: the model's)"),
+    embed_dim=SIZE,
+    num_heads=SIZE,
+    patch_size=SIZE,
+    num_columns=SIZE,
+    depths=Option(int, count="+", at_least=1, optional=True, help="blocks per level of a column"),
+    dims=Option(int, count=4, at_least=1, optional=True,
+                help="channels of the four levels of a hierarchical model (revcol_tiny ...)"),
+    intermediate_supervision=Option(bool, optional=True,
+                                    help="a hierarchical model's heads and decoders on every (columns/4)-th column "
+                                         "(default: on from scratch, off when fine-tuning)"),
+    head_init_scale=Option(float, above=0, optional=True,
+                           help="scale of a hierarchical model's initial classifier (fine-tuning: 0.001)"),
+    gamma_init=Option(float, optional=True,  # range: revcol.check_gamma_init, at the model's columns
+                      help="initial gamma of the reversible connections, of either sign (default: the model's, 0.5)"),
+    mlp_ratio=Option(float, above=0, optional=True, help="MLP hidden width over the embedding width"),
+    drop_rate=Option(float, at_least=0, below=1, optional=True, help="dropout rate before the head"),
+    reversible=Option(bool, optional=True,
+                      help="reversible backward (activation memory flat in the number of columns)"),
+)
+
+# Every option of revcol_vit.train (and the sweep, which adds its own): group title -> name -> schema. The defaults
+# of the image size, schedule, optimizer, EMA and augmentation options are the ImageNet-1K column of Table 11
+# (Appendix D.2); peak lr 4e-3 is for batch 4096 and scales linearly with the global batch. The table leaves the lr
+# floor, the warmup start and the eval crop open: these follow ConvNeXt, whose training code the RevCol release
+# builds on.
 TRAIN_OPTIONS: Dict[Optional[str], Dict[str, Option]] = {
     None: dict(
         config=Option(optional=True, help="YAML recipe file; flags on the command line override it"),
         data=Option(optional=True, help="folder with train/<class>/* and val/<class>/* (or train.tar and val.tar of "
                                         "<class>/*)"),
-        dataset=Option(help="timm dataset name for create_dataset (default '': an image folder or tar per split); "
-                            "map-style datasets only"),
-        output=Option(help="checkpoint, log.csv and tensorboard folder"),
+        dataset=Option(default="", help="timm dataset name for create_dataset (default '': an image folder or tar per "
+                                        "split); map-style datasets only"),
+        output=Option(default="runs/revcol_vit", help="checkpoint, log.csv and tensorboard folder"),
         resume=Option(optional=True, help="checkpoint to continue from (checkpoint.pth, checkpoint_best.pth or a "
                                           "kept checkpoint_epoch<E>.pth)"),
         initial_checkpoint=Option(optional=True, help="fine-tune: start from the weights (the EMA's if any) of this "
                                                       "checkpoint; a new head for other classes, the position "
                                                       "embedding resampled to --img-size; no optimizer state"),
-        rewind=Option(bool, help="--resume from an earlier epoch of the run in --output: remove its later epochs' "
-                                 "checkpoints and log rows, and continue from there"),
-        keep_last=Option(int, at_least=0, help="also keep the checkpoints of the last N epochs, "
-                                               "checkpoint_epoch<E>.pth (default 0: none)"),
-        seed=Option(int, at_least=0, at_most=2**32 - 1),
+        rewind=Option(bool, default=False,
+                      help="--resume from an earlier epoch of the run in --output: remove its later epochs' "
+                           "checkpoints and log rows, and continue from there"),
+        keep_last=Option(int, at_least=0, default=0, help="also keep the checkpoints of the last N epochs, "
+                                                          "checkpoint_epoch<E>.pth (default 0: none)"),
+        seed=Option(int, at_least=0, at_most=2**32 - 1, default=0),
     ),
     "model (unset sizes keep the model's own)": dict(
-        model=Option(),
-        img_size=Option(int, at_least=1),
-        drop_path=Option(float, at_least=0, below=1, optional=True,
-                         help="stochastic depth rate (default: the model's)"),
-        embed_dim=SIZE,
-        num_heads=SIZE,
-        patch_size=SIZE,
-        columns=SIZE,
-        depths=Option(int, count="+", at_least=1, optional=True, help="blocks per level of a column"),
-        dims=Option(int, count=4, at_least=1, optional=True,
-                    help="channels of the four levels of a hierarchical model (revcol_tiny ...)"),
-        intermediate_supervision=Option(bool, optional=True,
-                                        help="a hierarchical model's heads and decoders on every (columns/4)-th "
-                                             "column (default: on from scratch, off when fine-tuning)"),
-        head_init_scale=Option(float, above=0, optional=True,
-                               help="scale of a hierarchical model's initial classifier (fine-tuning: 0.001)"),
-        gamma_init=Option(float, optional=True,  # range: revcol.check_gamma_init, at the model's columns
-                          help="initial gamma of the reversible connections (default: the model's, 0.5)"),
-        mlp_ratio=Option(float, above=0, optional=True, help="MLP hidden width over the embedding width"),
-        drop=Option(float, at_least=0, below=1, optional=True, help="dropout rate before the head"),
-        reversible=Option(bool, optional=True,
-                          help="reversible backward (activation memory flat in the number of columns)"),
+        model=Option(default="revcol_vit_s"),
+        img_size=Option(int, at_least=1, default=224),
+        **MODEL_KWARGS,
     ),
     "optimization": dict(
-        epochs=COUNT,
-        warmup_epochs=NON_NEGATIVE,
-        batch_size=Option(int, at_least=1, help="global batch over all ranks and accumulation steps"),
-        accum_steps=Option(int, at_least=1, help="micro-steps per optimizer step"),
-        lr=Option(float, above=0, help="peak lr at --lr-base-batch, scaled linearly to --batch-size"),
-        lr_base_batch=COUNT,
-        min_lr=NON_NEGATIVE,
-        warmup_lr=NON_NEGATIVE,
-        opt=Option(choices=_timm_optimizers(), choices_are="the names of timm.optim.list_optimizers()"),
-        opt_betas=Option(float, count=2, at_least=0, below=1),
-        weight_decay=NON_NEGATIVE,
+        epochs=Option(int, at_least=1, default=300),
+        warmup_epochs=Option(float, at_least=0, default=20),
+        batch_size=Option(int, at_least=1, default=4096, help="global batch over all ranks and accumulation steps"),
+        accum_steps=Option(int, at_least=1, default=1, help="micro-steps per optimizer step"),
+        lr=Option(float, above=0, default=4e-3, help="peak lr at --lr-base-batch, scaled linearly to --batch-size"),
+        lr_base_batch=Option(int, at_least=1, default=4096),
+        min_lr=Option(float, at_least=0, default=1e-6),
+        warmup_lr=Option(float, at_least=0, default=1e-6),
+        opt=Option(choices=_timm_optimizers(), choices_are="the names of timm.optim.list_optimizers()",
+                   default="adamw"),
+        opt_betas=Option(float, count=2, at_least=0, below=1, default=[0.9, 0.999]),
+        weight_decay=Option(float, at_least=0, default=0.05),
         layer_decay=Option(float, above=0, at_most=1, optional=True,
                            help="layer-wise lr decay: each group of the model's group_matcher (stem, then every "
                                 "level's fusion and blocks, column by column, then the head) gets this factor "
                                 "times the next group's lr; unset: one lr for all"),
-        clip_grad=Option(float, above=0, optional=True, help="max gradient norm (default: no clipping)"),
-        ema_decay=Option(float, at_least=0, below=1, help="0 turns the EMA of the weights off"),
-        amp=Option(choices=AMP_CHOICES),
+        clip_grad=Option(float, above=0, optional=True, help="max gradient norm (default: no clipping, as Table 11)"),
+        ema_decay=Option(float, at_least=0, below=1, default=0.9999, help="0 turns the EMA of the weights off"),
+        amp=Option(choices=AMP_CHOICES, default="none"),
     ),
     "augmentation and regularization": dict(
-        smoothing=Option(float, at_least=0, below=1),
-        aa=Option(help="timm auto-augment policy, 'none' for none"),
-        mixup=NON_NEGATIVE,
-        cutmix=NON_NEGATIVE,
-        reprob=Option(float, at_least=0, at_most=1, help="random erase probability"),
-        scale=Option(float, count=2, above=0, at_most=1, ordered=True, help="random resized crop area range"),
-        ratio=Option(float, count=2, above=0, ordered=True, help="random resized crop aspect ratio range"),
-        hflip=PROBABILITY,
-        interpolation=Option(choices=INTERPOLATIONS),
-        crop_pct=Option(float, above=0, at_most=1, help="eval: resize to img_size / crop_pct, center crop"),
+        smoothing=Option(float, at_least=0, below=1, default=0.1),
+        aa=Option(default="rand-m9-mstd0.5-inc1",  # RandAug(9, 0.5)
+                  help="timm auto-augment policy, 'none' for none"),
+        mixup=Option(float, at_least=0, default=0.8),
+        cutmix=Option(float, at_least=0, default=1.0),
+        reprob=Option(float, at_least=0, at_most=1, default=0.25, help="random erase probability"),
+        scale=Option(float, count=2, above=0, at_most=1, ordered=True, default=[0.08, 1.0],
+                     help="random resized crop area range"),
+        ratio=Option(float, count=2, above=0, ordered=True, default=[3 / 4, 4 / 3],
+                     help="random resized crop aspect ratio range"),
+        hflip=Option(float, at_least=0, at_most=1, default=0.5),
+        interpolation=Option(choices=INTERPOLATIONS, default="bicubic"),
+        crop_pct=Option(float, above=0, at_most=1, default=0.875,
+                        help="eval: resize to img_size / crop_pct, center crop"),
     ),
     "runtime": dict(
-        workers=Option(int, at_least=0, help="data loading processes per rank (default: 8, or fewer CPU cores)"),
+        workers=Option(int, at_least=0, default=DEFAULT_WORKERS,
+                       help="data loading processes per rank (default: 8, or fewer CPU cores)"),
         skip_bad_images=SKIP_BAD_IMAGES,
-        log_interval=Option(int, at_least=0, help="a log line every N optimizer steps: loss, lr, img/s, peak GPU "
-                                                  "memory (default 100; 0: none)"),
+        log_interval=Option(int, at_least=0, default=100,
+                            help="a log line every N optimizer steps: loss, lr, img/s, peak GPU memory (default 100; "
+                                 "0: none)"),
         device=Option(optional=True, help="default: cuda (this rank's GPU) if available, else cpu"),
-        compile=Option(bool, help="torch.compile the model (a RevCol model: each level function, the reversible "
-                                  "backward stays eager); the first steps are slow while it compiles"),
-        fsdp=Option(bool, help="under torchrun, shard parameters, gradients and optimizer state over the ranks with "
-                               "FSDP2 (each column, then the rest of the model) instead of replicating them (DDP)"),
+        compile=Option(bool, default=False,
+                       help="torch.compile the model (a RevCol model: each level function, the reversible backward "
+                            "stays eager); the first steps are slow while it compiles"),
+        fsdp=Option(bool, default=False,
+                    help="under torchrun, shard parameters, gradients and optimizer state over the ranks with FSDP2 "
+                         "(each column, then the rest of the model) instead of replicating them (DDP)"),
     ),
 }
 
@@ -336,11 +331,11 @@ VALIDATE_OPTIONS: Dict[str, Option] = dict(
     model=Option(required=True, help="must be the checkpoint's model"),
     checkpoint=Option(required=True),
     data=Option(required=True, help="folder with <split>/<class>/* (the classes of the training run)"),
-    split=Option(),
-    ema=Option(bool, help="evaluate the EMA weights"),
-    batch_size=COUNT,
-    workers=Option(int, at_least=0),
-    amp=Option(choices=AMP_CHOICES),
+    split=Option(default="val"),
+    ema=Option(bool, default=False, help="evaluate the EMA weights"),
+    batch_size=Option(int, at_least=1, default=256),
+    workers=Option(int, at_least=0, default=DEFAULT_WORKERS),
+    amp=Option(choices=AMP_CHOICES, default="none"),
     device=Option(optional=True, help="default: cuda if available, else cpu"),
     skip_bad_images=SKIP_BAD_IMAGES,
 )

@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .errors import UsageError
 
-DEFAULT_WORKERS = min(8, os.cpu_count() or 1)  # data loading processes per rank
 IMAGE_EXTENSIONS = get_img_extensions(as_set=True)  # what timm's folder reader loads
 
 

@@ -46,9 +46,8 @@ SWEEP_VARIANTS = ("1x32", "2x16", "4x8", "8x4")
 def sweep_parser() -> Parser:
     parser = build_parser()
     parser.description = __doc__.splitlines()[0]
-    parser.add_options(None, dict(variants=Option(count="+", choices=SWEEP_VARIANTS,
-                                                  help="columns x blocks per column")),
-                       variants=list(SWEEP_VARIANTS))
+    parser.add_options(None, dict(variants=Option(count="+", choices=SWEEP_VARIANTS, default=list(SWEEP_VARIANTS),
+                                                  help="columns x blocks per column")))
     parser.schema["model"] = Option(optional=True, help="unset: the sweep sets the model per variant")
     parser.set_defaults(model=None, output="runs/column_sweep")
     return parser
@@ -143,8 +142,8 @@ def _number(text: str) -> Any:
 def sweep(args) -> List[Dict[str, Any]]:
     if args.model is not None:
         raise UsageError("the sweep sets the model per variant; drop --model")
-    if args.columns is not None or args.depths is not None:
-        raise UsageError("the variants fix the columns and depths; drop --columns/--depths")
+    if args.num_columns is not None or args.depths is not None:
+        raise UsageError("the variants fix the columns and depths; drop --num-columns/--depths")
     if args.initial_checkpoint is not None:
         raise UsageError("the sweep trains every variant from scratch; drop --initial-checkpoint")
     if args.gamma_init is not None:  # before any variant trains: the most columns bound it most

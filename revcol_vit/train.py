@@ -32,9 +32,8 @@ from revcol import check_gamma_init
 from revcol.checkpoint import load_plain_checkpoint
 
 from . import hierarchical
-from .config import IMAGENET_1K, TRAIN_OPTIONS, Parser, check_options, load_yaml_recipe
+from .config import MODEL_KWARGS, TRAIN_OPTIONS, Parser, check_options, load_yaml_recipe
 from .data import (
-    DEFAULT_WORKERS,
     check_augment_policy,
     drop_undecodable,
     eval_loader,
@@ -83,22 +82,12 @@ from .runtime import (
 
 _logger = logging.getLogger("revcol_vit.train")
 
-# Model flags and the keyword arguments of the RevCol-ViT models they set.
-MODEL_FLAGS = dict(embed_dim="embed_dim", num_heads="num_heads", patch_size="patch_size", columns="num_columns",
-                   depths="depths", drop_path="drop_path_rate", reversible="reversible", gamma_init="gamma_init",
-                   mlp_ratio="mlp_ratio", drop="drop_rate", dims="dims",
-                   intermediate_supervision="intermediate_supervision", head_init_scale="head_init_scale")
-
-
 def build_parser() -> Parser:
     p = Parser(description=__doc__.splitlines()[0], allow_abbrev=False,
                epilog="Unset options take the ImageNet-1K recipe of Table 11 (revcol_vit/config.py, "
                       "docs/vit_training.md).")
-    defaults = dict(IMAGENET_1K, output="runs/revcol_vit", seed=0, model="revcol_vit_s", accum_steps=1, amp="none",
-                    workers=DEFAULT_WORKERS, compile=False, skip_bad_images=False, keep_last=0, dataset="",
-                    log_interval=100, rewind=False, fsdp=False)
     for title, options in TRAIN_OPTIONS.items():
-        p.add_options(title, options, **defaults)
+        p.add_options(title, options)
     return p
 
 
@@ -116,7 +105,7 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[Parser] = None
         raise UsageError("the data folder is missing: give --data (or data: in the --config file)")
     if args.gamma_init is not None:  # the columns' own check, before the data scan
         try:
-            check_gamma_init(args.gamma_init, args.columns or VARIANTS.get(args.model, {}).get("num_columns", 1))
+            check_gamma_init(args.gamma_init, args.num_columns or VARIANTS.get(args.model, {}).get("num_columns", 1))
         except ValueError as e:
             raise UsageError(str(e)) from None
     if args.aa != "none":
@@ -131,8 +120,8 @@ def model_kwargs(args, num_classes: int) -> Dict[str, Any]:
         kwargs["intermediate_supervision"] = not args.initial_checkpoint
     else:
         kwargs["img_size"] = args.img_size
-    for flag, name in MODEL_FLAGS.items():
-        value = getattr(args, flag)
+    for name in MODEL_KWARGS:
+        value = getattr(args, name)
         if value is not None:
             kwargs[name] = tuple(value) if isinstance(value, list) else value
     return kwargs
@@ -439,7 +428,7 @@ def latest_epoch(folder: str) -> int:
 def check_resume(args, ckpt: Dict[str, Any], classes: List[str]) -> None:
     """The checkpoint ``--resume`` names is of this model and these classes, and (in the output folder) not an earlier
     epoch than the run reached, unless ``--rewind``."""
-    model_args = {name: getattr(args, name) for name in ("img_size", *MODEL_FLAGS)}
+    model_args = {name: getattr(args, name) for name in ("img_size", *MODEL_KWARGS)}
     check_checkpoint_fits(ckpt, args.resume, args.model, model_args, classes)
     if not same_path(os.path.dirname(args.resume) or ".", args.output):
         return

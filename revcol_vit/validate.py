@@ -9,7 +9,7 @@ is the one the run trained with.
 from typing import Dict, List, Optional
 
 from .config import VALIDATE_OPTIONS, Parser, check_options
-from .data import DEFAULT_WORKERS, drop_undecodable, eval_loader, eval_transform, open_splits
+from .data import drop_undecodable, eval_loader, eval_transform, open_splits
 from .errors import UsageError
 from .runtime import (
     AMP_DTYPES,
@@ -24,8 +24,7 @@ from .runtime import (
 
 def build_parser() -> Parser:
     p = Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_options(None, VALIDATE_OPTIONS, split="val", ema=False, batch_size=256, workers=DEFAULT_WORKERS,
-                  amp="none", skip_bad_images=False)
+    p.add_options(None, VALIDATE_OPTIONS)
     return p
 
 

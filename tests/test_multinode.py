@@ -68,11 +68,11 @@ def run_all(commands, cwd: Path):
 # --- RevCol-ViT trainer -------------------------------------------------------------------------------------------
 
 VIT_FLAGS = ["--model", "revcol_vit_s", "--img-size", "32", "--patch-size", "8", "--embed-dim", "16",
-             "--num-heads", "2", "--depths", "1", "1", "--columns", "2", "--workers", "0",
+             "--num-heads", "2", "--depths", "1", "1", "--num-columns", "2", "--workers", "0",
              "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "32", "--lr", "1e-4", "--lr-base-batch", "32",
              # every random augmentation off, so the two runs see identical images
              "--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--smoothing", "0", "--scale", "1", "1",
-             "--ratio", "1", "1", "--hflip", "0", "--drop-path", "0", "--ema-decay", "0"]
+             "--ratio", "1", "1", "--hflip", "0", "--drop-path-rate", "0", "--ema-decay", "0"]
 
 
 @pytest.mark.parametrize("rendezvous", ["static", "c10d"])

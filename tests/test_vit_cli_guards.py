@@ -25,7 +25,7 @@ from revcol_vit.train import parse_args, train
 from revcol_vit.validate import main as validate_main
 
 TINY_MODEL = ["--model", "revcol_vit_s", "--img-size", "32", "--patch-size", "16", "--embed-dim", "32",
-              "--num-heads", "2", "--depths", "1", "1", "--columns", "2", "--workers", "0"]
+              "--num-heads", "2", "--depths", "1", "1", "--num-columns", "2", "--workers", "0"]
 # 8 training images in batches of 4: 2 steps per epoch; no randomness beyond the data order.
 RECIPE = ["--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--smoothing", "0", "--ema-decay", "0",
           "--batch-size", "4", "--lr-base-batch", "4", "--lr", "1e-3", "--min-lr", "1e-6", "--warmup-epochs", "0"]

@@ -21,11 +21,11 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 TIMEOUT_S = 120
 
 VIT = ["--model", "revcol_vit_s", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--num-heads", "2",
-       "--depths", "1", "1", "--columns", "2"]
+       "--depths", "1", "1", "--num-columns", "2"]
 # 4 steps of 10 images an epoch; every random augmentation off, so both runs see the same images.
 RECIPE = ["--workers", "0", "--warmup-epochs", "0", "--batch-size", "10", "--lr", "1e-3", "--lr-base-batch", "10",
           "--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--smoothing", "0", "--scale", "1", "1",
-          "--ratio", "1", "1", "--hflip", "0", "--drop-path", "0", "--ema-decay", "0", "--log-interval", "1"]
+          "--ratio", "1", "1", "--hflip", "0", "--drop-path-rate", "0", "--ema-decay", "0", "--log-interval", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_fsdp_trains_a_hierarchical_model_with_intermediate_supervision_as_ddp_t
     """revcol_tiny's columns are sharded as RevCol-ViT's are; its heads and decoders on the tapped columns (the
     Section 2.3 loss, on from scratch) go with the root."""
     flags = ["--model", "revcol_tiny", "--dims", "8", "16", "16", "16", "--depths", "1", "1", "1", "1",
-             "--columns", "4", "--epochs", "1"]
+             "--num-columns", "4", "--epochs", "1"]
     ddp_log = torchrun(digits, tmp_path / "ddp", *flags)
     fsdp_log = torchrun(digits, tmp_path / "fsdp", *flags, "--fsdp")
     assert logged_losses(fsdp_log) == logged_losses(ddp_log)

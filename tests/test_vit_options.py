@@ -27,15 +27,15 @@ TRAIN_TABLE = {
     "initial_checkpoint": ("c.pth", 5, None),
     "model": ("revcol_vit_b", 5, None),
     "img_size": (64, "big", 0),
-    "drop_path": (0.2, "some", 1.0),
+    "drop_path_rate": (0.2, "some", 1.0),
     "embed_dim": (64, "wide", 0),
     "num_heads": (4, 2.5, 0),
     "patch_size": (8, "8px", -8),
-    "columns": (2, "two", 0),
+    "num_columns": (2, "two", 0),
     "depths": ([1, 2], ["one"], [1, 0]),
     "gamma_init": (0.1, "half", None),  # its range depends on the columns: see the gamma_init test below
     "mlp_ratio": (2.0, "double", 0),
-    "drop": (0.1, "some", 1),
+    "drop_rate": (0.1, "some", 1),
     "reversible": (False, "no", None),
     "dims": ([8, 16, 24, 32], ["a", "b", "c", "d"], [8, 16, 24, 0]),
     "intermediate_supervision": (False, "no", None),
@@ -146,7 +146,7 @@ def test_a_bad_value_is_refused_in_yaml_and_as_a_flag(tmp_path, name, column):
     (["--gamma-init=1e6"], 1e6, 4),  # revcol_vit_s has 4 columns
     (["--gamma-init=0"], 0.0, 4),
     (["--gamma-init=-0.0001"], -0.0001, 4),
-    (["--gamma-init=25", "--columns", "8"], 25.0, 8),
+    (["--gamma-init=25", "--num-columns", "8"], 25.0, 8),
     (["--gamma-init=30", "--model", "revcol_vit_b_8x4"], 30.0, 8),
 ])
 def test_gamma_init_out_of_range_is_the_cores_one_line_error(tmp_path, flags, gamma_init, columns):

@@ -31,10 +31,11 @@ from revcol_vit.validate import validate
 REPO = Path(__file__).resolve().parents[1]
 
 TOY_MODEL = ["--model", "revcol_vit_s", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32",
-             "--num-heads", "2", "--depths", "1", "1", "1", "1", "--columns", "2", "--workers", "0"]
+             "--num-heads", "2", "--depths", "1", "1", "1", "1", "--num-columns", "2", "--workers", "0"]
 # Every random augmentation off (and no stochastic depth), for runs that must match each other step for step.
 NO_AUGMENTATION = ["--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--smoothing", "0",
-                   "--scale", "1", "1", "--ratio", "1", "1", "--hflip", "0", "--drop-path", "0", "--ema-decay", "0"]
+                   "--scale", "1", "1", "--ratio", "1", "1", "--hflip", "0", "--drop-path-rate", "0",
+                   "--ema-decay", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -371,10 +372,10 @@ def expected_layer(name: str, levels: int, columns: int = 2) -> int:
 def test_layer_decay_and_model_options(small_digits, tmp_path):
     """One AdamW step (no weight decay) moves each weight by at most its group's lr (the first step is lr x the
     gradient's sign): with --layer-decay 0.8 that is 0.8^(depth from the head) x the lr. --gamma-init, --mlp-ratio
-    and --drop reach timm.create_model."""
+    and --drop-rate reach timm.create_model."""
     run_train(small_digits, tmp_path, *NO_AUGMENTATION, "--epochs", "1", "--warmup-epochs", "0", "--batch-size",
               "160", "--lr", "1e-3", "--lr-base-batch", "160", "--weight-decay", "0", "--layer-decay", "0.8",
-              "--gamma-init", "0.25", "--mlp-ratio", "2", "--drop", "0.1")
+              "--gamma-init", "0.25", "--mlp-ratio", "2", "--drop-rate", "0.1")
     ckpt = load_checkpoint(str(tmp_path / "checkpoint.pth"))
     assert {k: ckpt["model_kwargs"][k] for k in ("gamma_init", "mlp_ratio", "drop_rate")} == dict(
         gamma_init=0.25, mlp_ratio=2.0, drop_rate=0.1)
@@ -427,7 +428,7 @@ def test_log_interval_logs_throughput_and_memory_every_n_steps(small_digits, tmp
 @pytest.mark.slow
 def test_compiled_training_matches_eager(small_digits, tmp_path, monkeypatch):
     """``--compile``, with drop path on: the compiled levels replay the same masks as eager ones."""
-    flags = [*NO_AUGMENTATION, "--drop-path", "0.3", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16",
+    flags = [*NO_AUGMENTATION, "--drop-path-rate", "0.3", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16",
              "--lr", "1e-4", "--lr-base-batch", "16"]
     eager = run_train(small_digits, tmp_path / "eager", *flags)
     counter = CompileCounterWithBackend("inductor")  # what the trainer's compile_levels() compiles goes through it
@@ -490,7 +491,7 @@ def test_yaml_recipe_overrides_defaults_and_flags_override_it(tmp_path):
 
 def test_example_imagenet_recipe_is_table_11():
     args = parse_args(["--data", "d", "--config", str(REPO / "examples" / "vit" / "imagenet1k_revcol_vit_b.yaml")])
-    assert args.model == "revcol_vit_b" and args.drop_path is None  # the model's 0.2
+    assert args.model == "revcol_vit_b" and args.drop_path_rate is None  # the model's 0.2
     assert vars(args) == {**vars(parse_args(["--data", "d", "--model", "revcol_vit_b", "--amp", "bf16",
                                               "--workers", "10"])), "config": args.config}
 

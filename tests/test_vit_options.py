@@ -1,15 +1,20 @@
 """The typed schema of every CLI option: YAML and flags are checked alike, and bad values are one clear line."""
+import inspect
 import re
 from pathlib import Path
 
 import pytest
+import timm
 import yaml
 
 from revcol import check_gamma_init
+from revcol_vit.config import MODEL_KWARGS, TRAIN_OPTIONS, VALIDATE_OPTIONS
 from revcol_vit.errors import UsageError
+from revcol_vit.hierarchical import RevCol
+from revcol_vit.model import RevColViT
 from revcol_vit.sweep import sweep, sweep_parser
 from revcol_vit.train import main as train_main
-from revcol_vit.train import parse_args
+from revcol_vit.train import model_kwargs, parse_args
 from revcol_vit.validate import build_parser as validate_parser
 from revcol_vit.validate import parse_args as validate_parse_args
 
@@ -140,6 +145,64 @@ def test_a_bad_value_is_refused_in_yaml_and_as_a_flag(tmp_path, name, column):
         return  # on the command line a bool flag takes no value, and every word is a string
     with pytest.raises(UsageError, match=rf"^argument --{name.replace('_', '-')}: expected {expected}, got "):
         parse_train(tmp_path, flags=flag_args(name, bad))
+
+
+def test_model_options_are_named_as_the_model_constructors_keyword_arguments():
+    """The CLI hands each model option to the model under the option's own name: renaming a constructor argument
+    must rename its option (flag and YAML key) too, or this fails."""
+    vit = inspect.signature(RevColViT.__init__).parameters
+    convolutional = inspect.signature(RevCol.__init__).parameters
+    assert set(MODEL_KWARGS) <= set(vit) | set(convolutional)
+    assert "img_size" in vit  # passed to RevColViT only; a hierarchical model takes any image size
+
+
+# Small valid values of every model option each family takes.
+MODEL_FLAGS = {
+    "revcol_vit_s": ["--img-size", "32", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "8",
+                     "--num-columns", "2", "--depths", "1", "1", "--mlp-ratio", "2", "--drop-rate", "0.1",
+                     "--drop-path-rate", "0.1", "--gamma-init", "0.25", "--no-reversible"],
+    "revcol_tiny": ["--dims", "8", "16", "24", "32", "--depths", "1", "1", "1", "1", "--num-columns", "4",
+                    "--intermediate-supervision", "--head-init-scale", "0.001", "--drop-rate", "0.1",
+                    "--drop-path-rate", "0.1", "--gamma-init", "0.25", "--no-reversible"],
+}
+
+
+@pytest.mark.parametrize("model", sorted(MODEL_FLAGS))
+def test_every_model_option_reaches_the_model_under_its_name(model):
+    args = parse_args(["--data", "d", "--model", model, *MODEL_FLAGS[model]])
+    kwargs = model_kwargs(args, num_classes=3)
+    constructor = RevColViT if model.startswith("revcol_vit") else RevCol
+    takes = set(inspect.signature(constructor.__init__).parameters) & set(MODEL_KWARGS)
+    assert {name for name in takes if getattr(args, name) is not None} == takes  # the flags above set them all
+    for name in takes:
+        value = getattr(args, name)
+        assert kwargs[name] == (tuple(value) if isinstance(value, list) else value)
+    built = timm.create_model(model, **kwargs)
+    assert len(built.revcol.columns) == args.num_columns
+
+
+@pytest.mark.parametrize("old, new, value", [("columns", "num_columns", 2), ("drop", "drop_rate", 0.1),
+                                             ("drop_path", "drop_path_rate", 0.1)])
+def test_the_former_spellings_of_model_options_are_unknown(tmp_path, old, new, value):
+    flag = "--" + old.replace("_", "-")
+    with pytest.raises(UsageError, match=f"^unrecognized arguments: {flag} {value}$"):
+        parse_args(["--data", "d", flag, str(value)])
+    with pytest.raises(UsageError, match=f"recipe.yaml has unknown options: {old}$"):
+        parse_train(tmp_path, {old: value})
+    assert getattr(parse_train(tmp_path, {new: value}), new) == value
+
+
+def test_the_defaults_are_the_option_tables():
+    """Every default comes from its option's row (one place), and is a value the option accepts."""
+    options = {name: option for group in TRAIN_OPTIONS.values() for name, option in group.items()}
+    assert vars(parse_args(["--data", "d"])) == {name: option.default for name, option in options.items()} | {
+        "data": "d"}
+    required = ["--model", "m", "--checkpoint", "c", "--data", "d"]
+    assert vars(validate_parse_args(required)) == {name: option.default for name, option in VALIDATE_OPTIONS.items()
+                                                   } | dict(model="m", checkpoint="c", data="d")
+    for name, option in [*options.items(), *VALIDATE_OPTIONS.items()]:
+        if not option.required:
+            assert option.convert(option.default) == option.default, name
 
 
 @pytest.mark.parametrize("flags, gamma_init, columns", [

@@ -5,7 +5,7 @@ fairseq's argparse route (``add_args`` + architecture functions), which is the r
 ``--encoder-*`` flags for plugin models.
 """
 import argparse
-from typing import List
+from typing import Sequence, Tuple, Union
 
 from fairseq import metrics
 from fairseq.models import register_model, register_model_architecture
@@ -16,24 +16,26 @@ from revcol import GAMMA_INIT, check_gamma_init
 from .encoder import RevColEncoder
 
 
-def parse_blocks(text: str) -> List[int]:
-    """``"1,1,1,1"`` -> ``[1, 1, 1, 1]``: blocks per level, at least 2 levels of at least 1 block."""
+def parse_blocks(blocks: Union[str, Sequence[int]]) -> Tuple[int, ...]:
+    """``"1,1,1,1"`` (the flag's text) or ``(1, 1, 1, 1)`` -> ``(1, 1, 1, 1)``: blocks per level, at least 2 levels
+    of at least 1 block. The flag is parsed once, into a tuple; the text is still read from a namespace set by hand
+    or from a checkpoint that holds it."""
+    text = blocks if isinstance(blocks, str) else ",".join(map(str, blocks))
     try:
-        blocks = [int(b) for b in text.split(",")]
+        parsed = tuple(int(b) for b in text.split(","))
     except ValueError:
         raise ValueError(f"--revcol-blocks must be comma-separated integers such as 1,1,1,1, got {text!r}") from None
-    if len(blocks) < 2 or min(blocks) < 1:
+    if len(parsed) < 2 or min(parsed) < 1:
         raise ValueError(f"--revcol-blocks needs at least 2 levels of at least 1 block each, got {text!r}")
-    return blocks
+    return parsed
 
 
-def _blocks_flag(text: str) -> str:
-    """argparse type: reject bad --revcol-blocks at parse time, keep the text (parsed again at build)."""
+def _blocks_flag(text: str) -> Tuple[int, ...]:
+    """argparse type of --revcol-blocks: its blocks per level, or the one-line error."""
     try:
-        parse_blocks(text)
+        return parse_blocks(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return text
 
 
 def _positive_int(text: str) -> int:
@@ -64,8 +66,9 @@ def _probability(text: str) -> float:
 
 
 def check_args(args) -> None:
-    """Checks for namespaces built without our argparse types, and across flags; one ValueError naming them."""
-    parse_blocks(args.revcol_blocks)
+    """Checks for namespaces built without our argparse types, and across flags; one ValueError naming them.
+    ``--revcol-blocks`` becomes the tuple the flag gives, also where the namespace holds its text."""
+    args.revcol_blocks = parse_blocks(args.revcol_blocks)
     if getattr(args, "ddp_backend", None) == "fully_sharded":
         # fairscale's FSDP gathers a module's parameters in its forward hooks, which the reversible backward's
         # recompute of the columns does not go through.
@@ -132,7 +135,7 @@ class RevColTransformerModel(TransformerModel):
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
         return RevColEncoder(
-            src_dict, embed_tokens, depths=parse_blocks(cfg.revcol_blocks), num_columns=cfg.revcol_columns,
+            src_dict, embed_tokens, depths=cfg.revcol_blocks, num_columns=cfg.revcol_columns,
             num_heads=cfg.encoder.attention_heads, ffn_dim=cfg.encoder.ffn_embed_dim,
             max_source_positions=cfg.max_source_positions, learned_pos=cfg.encoder.learned_pos,
             no_token_positional_embeddings=cfg.no_token_positional_embeddings,
@@ -156,7 +159,7 @@ def base_revcol_architecture(args):
     """Table 10: RevCol encoder B=(1,1,1,1), 4 columns, d 768 / ffn 3072 / 12 heads; 6-layer decoder of the
     same width; joint BPE with all embeddings shared; dropout 0.3 as Transformer-big on En-De (Ott et al.)."""
     args.revcol_columns = getattr(args, "revcol_columns", 4)
-    args.revcol_blocks = getattr(args, "revcol_blocks", "1,1,1,1")
+    args.revcol_blocks = getattr(args, "revcol_blocks", (1, 1, 1, 1))
     args.revcol_reversible = getattr(args, "revcol_reversible", True)
     args.revcol_gamma_init = getattr(args, "revcol_gamma_init", GAMMA_INIT)
     args.revcol_drop_path = getattr(args, "revcol_drop_path", 0.0)
@@ -184,7 +187,7 @@ def revcol_transformer_wmt_en_fr(args):
 def revcol_transformer_tiny(args):
     """For tests and CPU demos: 2 columns of 2 levels of 1 block, d 64; 2 decoder layers."""
     args.revcol_columns = getattr(args, "revcol_columns", 2)
-    args.revcol_blocks = getattr(args, "revcol_blocks", "1,1")
+    args.revcol_blocks = getattr(args, "revcol_blocks", (1, 1))
     args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 64)
     args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 128)
     args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 4)

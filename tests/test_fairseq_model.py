@@ -212,14 +212,14 @@ def test_half_precision_encoder_is_finite_and_reversible_grads_stay_close():
 def test_architectures_fill_paper_defaults_and_flags_override_them():
     paper = model_args("revcol_transformer")
     assert (paper.revcol_columns, paper.revcol_blocks, paper.encoder_embed_dim, paper.encoder_ffn_embed_dim,
-            paper.encoder_attention_heads) == (4, "1,1,1,1", 768, 3072, 12)
+            paper.encoder_attention_heads) == (4, (1, 1, 1, 1), 768, 3072, 12)
     assert (paper.decoder_layers, paper.decoder_embed_dim, paper.decoder_ffn_embed_dim,
             paper.decoder_attention_heads) == (6, 768, 3072, 12)
     assert paper.share_all_embeddings and paper.revcol_reversible and paper.dropout == 0.3
     assert model_args("revcol_transformer_wmt_en_fr").dropout == 0.1
     custom = model_args("revcol_transformer", "--dropout", "0.2", "--revcol-columns", "8", "--revcol-blocks",
                         "2,2,2", "--no-revcol-reversible", "--no-share-all-embeddings", "--encoder-embed-dim", "512")
-    assert (custom.dropout, custom.revcol_columns, custom.revcol_blocks) == (0.2, 8, "2,2,2")
+    assert (custom.dropout, custom.revcol_columns, custom.revcol_blocks) == (0.2, 8, (2, 2, 2))
     assert not custom.revcol_reversible and not custom.share_all_embeddings
     assert (custom.encoder_embed_dim, custom.decoder_embed_dim) == (512, 512)
 
@@ -363,6 +363,8 @@ def test_gamma_init_that_would_overflow_float32_is_the_cores_one_line_error(gamm
 
 @pytest.mark.parametrize("name, value, message", [
     ("revcol_blocks", "1", "--revcol-blocks needs at least 2 levels"),
+    ("revcol_blocks", (1, 0), "--revcol-blocks needs at least 2 levels of at least 1 block each, got '1,0'"),
+    ("revcol_blocks", "1,x", "--revcol-blocks must be comma-separated integers such as 1,1,1,1, got '1,x'"),
     ("revcol_columns", 0, "--revcol-columns must be at least 1, got 0"),
     ("ddp_backend", "fully_sharded", "--ddp-backend fully_sharded is not supported by revcol_transformer"),
     ("revcol_gamma_init", float("nan"), "gamma_init nan is out of range"),
@@ -373,6 +375,18 @@ def test_namespaces_built_without_the_parser_are_checked_too(name, value, messag
     task = types.SimpleNamespace(source_dictionary=toy_dictionary(), target_dictionary=toy_dictionary())
     with pytest.raises(ValueError, match=message):
         RevColTransformerModel.build_model(args, task)
+
+
+def test_blocks_given_as_text_build_as_the_flags_tuple():
+    """Checkpoints written while --revcol-blocks was kept as text hold it so; they still build, the text parsed
+    once at build into the tuple the flag now gives."""
+    args = model_args("revcol_transformer_tiny", "--revcol-blocks", "1,2,1")
+    assert args.revcol_blocks == (1, 2, 1)
+    args.revcol_blocks = "1,2,1"
+    task = types.SimpleNamespace(source_dictionary=toy_dictionary(), target_dictionary=toy_dictionary())
+    model = RevColTransformerModel.build_model(args, task)
+    assert args.revcol_blocks == (1, 2, 1)
+    assert [len(level.blocks) for level in model.encoder.revcol.columns[0].levels] == [1, 2, 1]
 
 
 class WritesMarker:

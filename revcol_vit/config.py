@@ -128,6 +128,8 @@ class Parser(argparse.ArgumentParser):
         for name, option in options.items():
             flag = "--" + name.replace("_", "-")
             kwargs = dict(help=option.help, default=copy.deepcopy(option.default), required=option.required)
+            if option.default is not None and "default" not in (option.help or ""):
+                kwargs["help"] = " ".join(filter(None, [option.help, f"(default: {_in_words(option.default)})"]))
             if option.kind is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
@@ -152,6 +154,12 @@ def check_options(args: argparse.Namespace, schema: Dict[str, Option]) -> argpar
 
 def _show(value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else repr(value)
+
+
+def _in_words(value: Any) -> str:
+    """A default as the help shows it: as flags are written, numbers short (4/3 as 1.33333)."""
+    values = value if isinstance(value, list) else [value]
+    return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -334,7 +342,8 @@ VALIDATE_OPTIONS: Dict[str, Option] = dict(
     split=Option(default="val"),
     ema=Option(bool, default=False, help="evaluate the EMA weights"),
     batch_size=Option(int, at_least=1, default=256),
-    workers=Option(int, at_least=0, default=DEFAULT_WORKERS),
+    workers=Option(int, at_least=0, default=DEFAULT_WORKERS,
+                   help="data loading processes per rank (default: 8, or fewer CPU cores)"),
     amp=Option(choices=AMP_CHOICES, default="none"),
     device=Option(optional=True, help="default: cuda if available, else cpu"),
     skip_bad_images=SKIP_BAD_IMAGES,

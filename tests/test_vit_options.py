@@ -13,6 +13,7 @@ from revcol_vit.errors import UsageError
 from revcol_vit.hierarchical import RevCol
 from revcol_vit.model import RevColViT
 from revcol_vit.sweep import sweep, sweep_parser
+from revcol_vit.train import build_parser as train_parser
 from revcol_vit.train import main as train_main
 from revcol_vit.train import model_kwargs, parse_args
 from revcol_vit.validate import build_parser as validate_parser
@@ -193,7 +194,7 @@ def test_the_former_spellings_of_model_options_are_unknown(tmp_path, old, new, v
 
 
 def test_the_defaults_are_the_option_tables():
-    """Every default comes from its option's row (one place), and is a value the option accepts."""
+    """Every default comes from its option's row (one place), is a value the option accepts, and is in the help."""
     options = {name: option for group in TRAIN_OPTIONS.values() for name, option in group.items()}
     assert vars(parse_args(["--data", "d"])) == {name: option.default for name, option in options.items()} | {
         "data": "d"}
@@ -203,6 +204,9 @@ def test_the_defaults_are_the_option_tables():
     for name, option in [*options.items(), *VALIDATE_OPTIONS.items()]:
         if not option.required:
             assert option.convert(option.default) == option.default, name
+    help_text = " ".join(train_parser().format_help().split())
+    assert "--lr LR peak lr at --lr-base-batch, scaled linearly to --batch-size (default: 0.004)" in help_text
+    assert "--ratio RATIO RATIO random resized crop aspect ratio range (default: 0.75 1.33333)" in help_text
 
 
 @pytest.mark.parametrize("flags, gamma_init, columns", [

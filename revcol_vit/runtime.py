@@ -4,7 +4,6 @@ import errno
 import logging
 import os
 import random
-import re
 import shutil
 import socket
 import sys
@@ -25,8 +24,6 @@ from revcol.checkpoint import load_plain_checkpoint, write_atomically
 from .errors import UsageError
 
 CHECKPOINT_NAME = "checkpoint.pth"  # the latest epoch's, which --resume continues
-BEST_CHECKPOINT_NAME = "checkpoint_best.pth"  # the epoch of the best val top-1 (the EMA's when there is an EMA)
-EPOCH_CHECKPOINT = re.compile(r"checkpoint_epoch(\d+)\.pth")  # --keep-last N keeps the last N of these
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "ema", "step", "epoch", "args", "model_kwargs",
                    "classes", "history", "rng")  # what train() writes, and validate() and --resume read
 LOG_NAME = "log.csv"
@@ -276,30 +273,6 @@ def write_run_file(write: Callable[[str], Any], path: str) -> None:
 
 def save_checkpoint(state: Dict[str, Any], path: str) -> None:
     write_run_file(lambda tmp: torch.save(state, tmp), path)
-
-
-def copy_checkpoint(src: str, dst: str) -> None:
-    """An atomic copy of a written checkpoint: a hard link where the file system has them (no bytes copied; when
-    ``src`` is replaced by the next epoch's, the link keeps this one), else a copy of the bytes."""
-    def link(tmp: str) -> None:
-        try:
-            os.link(src, tmp)
-        except OSError:  # no hard links on this file system, or a temporary file that a crash left
-            shutil.copyfile(src, tmp)
-
-    write_run_file(link, dst)
-
-
-def epoch_checkpoint_path(folder: str, epoch: int) -> str:
-    return os.path.join(folder, f"checkpoint_epoch{epoch}.pth")
-
-
-def remove_epoch_checkpoints(folder: str, before: int) -> None:
-    """Removes ``checkpoint_epoch<E>.pth`` of every epoch E < ``before``."""
-    for name in os.listdir(folder):
-        match = EPOCH_CHECKPOINT.fullmatch(name)
-        if match and int(match.group(1)) < before:
-            os.remove(os.path.join(folder, name))
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:

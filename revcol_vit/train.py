@@ -7,7 +7,6 @@ Several GPUs:   torchrun --nproc_per_node 8 -m revcol_vit.train --data /imagenet
 with a checkpoint (model, optimizer, scheduler, EMA, grad scaler, RNG states of every rank) that ``--resume``
 continues from exactly: the data order of an epoch depends only on the seed and the epoch.
 """
-import csv
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ from revcol import check_gamma_init
 from revcol.checkpoint import load_plain_checkpoint
 
 from . import hierarchical
+from .checkpoints import CheckpointSaver
 from .config import IMAGENET_1K, TRAIN_OPTIONS, Parser, check_options, load_yaml_recipe
 from .data import (
     DEFAULT_WORKERS,
@@ -47,9 +47,7 @@ from .errors import UsageError
 from .model import VARIANTS
 from .runtime import (
     AMP_DTYPES,
-    BEST_CHECKPOINT_NAME,
     CHECKPOINT_NAME,
-    EPOCH_CHECKPOINT,
     LOG_NAME,
     TENSORBOARD_NAME,
     Dist,
@@ -58,21 +56,17 @@ from .runtime import (
     broadcast_from_main,
     check_checkpoint_fits,
     compile_model,
-    copy_checkpoint,
     count_parameters,
     create_model,
-    epoch_checkpoint_path,
     evaluate,
     full_state,
     load_checkpoint,
     load_full_state,
     lock_folder,
     make_output_folder,
-    remove_epoch_checkpoints,
     run_cli,
     run_files,
     same_path,
-    save_checkpoint,
     seed_all,
     set_rng_state,
     setup_distributed,
@@ -396,18 +390,6 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
     return metrics
 
 
-def keep_checkpoints(args, history: List[Dict[str, Any]], checkpoint: str, best_by: str) -> None:
-    """After ``checkpoint`` is written: ``checkpoint_best.pth`` if this epoch's ``best_by`` is the best so far, and
-    the last ``--keep-last`` epochs' ``checkpoint_epoch<E>.pth``."""
-    epoch = history[-1]["epoch"]
-    if history[-1][best_by] > max((row.get(best_by, -math.inf) for row in history[:-1]), default=-math.inf):
-        copy_checkpoint(checkpoint, os.path.join(args.output, BEST_CHECKPOINT_NAME))
-        _logger.info("epoch %d has the best %s so far: %s", epoch, best_by, BEST_CHECKPOINT_NAME)
-    if args.keep_last > 0:
-        copy_checkpoint(checkpoint, epoch_checkpoint_path(args.output, epoch))
-        remove_epoch_checkpoints(args.output, before=epoch - args.keep_last + 1)
-
-
 SCHEDULE_FLAGS = ("epochs", "warmup_epochs", "lr", "lr_base_batch", "batch_size", "min_lr", "warmup_lr")
 
 
@@ -426,50 +408,18 @@ def check_output_run(args) -> None:
                          f"{args.resume}: resume from a checkpoint in {args.output}, or train into another --output")
 
 
-def latest_epoch(folder: str) -> int:
-    """The last epoch the run in ``folder`` finished: its log's, or its kept epoch checkpoints' (0 if none)."""
-    epochs = [int(match.group(1)) for match in map(EPOCH_CHECKPOINT.fullmatch, os.listdir(folder)) if match]
-    log = os.path.join(folder, LOG_NAME)
-    if os.path.isfile(log):
-        with open(log, newline="") as f:
-            epochs += [int(row["epoch"]) for row in csv.DictReader(f) if row.get("epoch", "").isdigit()]
-    return max(epochs, default=0)
-
-
-def check_resume(args, ckpt: Dict[str, Any], classes: List[str]) -> None:
+def check_resume(args, ckpt: Dict[str, Any], classes: List[str], saver: CheckpointSaver) -> None:
     """The checkpoint ``--resume`` names is of this model and these classes, and (in the output folder) not an earlier
     epoch than the run reached, unless ``--rewind``."""
     model_args = {name: getattr(args, name) for name in ("img_size", *MODEL_FLAGS)}
     check_checkpoint_fits(ckpt, args.resume, args.model, model_args, classes)
     if not same_path(os.path.dirname(args.resume) or ".", args.output):
         return
-    latest = latest_epoch(args.output)
+    latest = saver.latest_epoch()
     if latest > ckpt["epoch"] and not args.rewind:
         raise UsageError(f"--resume {args.resume} is epoch {ckpt['epoch']} of the run in {args.output}, which has "
                          f"reached epoch {latest}: give --rewind to remove epochs {ckpt['epoch'] + 1}-{latest} "
                          f"and continue from epoch {ckpt['epoch']}")
-
-
-def rewind(args, ckpt: Dict[str, Any]) -> None:
-    """Removes what the run in the output folder wrote after the epoch of ``--resume``: later epoch checkpoints, a
-    later best checkpoint and log rows; ``checkpoint.pth`` becomes the resumed one. One log line says what went."""
-    epoch, removed = ckpt["epoch"], []
-    for name in sorted(os.listdir(args.output)):
-        match = EPOCH_CHECKPOINT.fullmatch(name)
-        if match and int(match.group(1)) > epoch:
-            os.remove(os.path.join(args.output, name))
-            removed.append(name)
-    best = os.path.join(args.output, BEST_CHECKPOINT_NAME)
-    if os.path.isfile(best) and not same_path(best, args.resume) and load_checkpoint(best)["epoch"] > epoch:
-        os.remove(best)
-        removed.append(BEST_CHECKPOINT_NAME)
-    latest = os.path.join(args.output, CHECKPOINT_NAME)
-    if not (os.path.isfile(latest) and same_path(latest, args.resume)):
-        copy_checkpoint(args.resume, latest)
-    write_csv(ckpt["history"], os.path.join(args.output, LOG_NAME))
-    _logger.warning("rewinding %s to epoch %d (--rewind): removed %s; %s is now epoch %d's; log.csv cut to %d rows",
-                    args.output, epoch, ", ".join(removed) or "no later checkpoint", CHECKPOINT_NAME, epoch,
-                    len(ckpt["history"]))
 
 
 def log_schedule_changes(args, ckpt: Dict[str, Any]) -> None:
@@ -513,7 +463,9 @@ def train(args) -> List[Dict[str, Any]]:
 
 
 def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
-    checkpoint = os.path.join(args.output, CHECKPOINT_NAME)
+    # The best epoch is the EMA's when there is an EMA (build_training keeps one for a positive --ema-decay).
+    saver = CheckpointSaver(args.output, best_by="ema_top1" if args.ema_decay > 0 else "val_top1",
+                            keep_last=args.keep_last)
     train_tf, eval_tf = build_transforms(args)
     official_format = args.initial_checkpoint and args.model in hierarchical.VARIANTS
     initial = initial_weights(args.initial_checkpoint, args.model) if args.initial_checkpoint \
@@ -523,7 +475,7 @@ def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
     splits, classes = open_splits(args.dataset, args.data, {"train": train_tf, "val": eval_tf})
     resumed = load_checkpoint(args.resume) if args.resume else None
     if resumed is not None:
-        check_resume(args, resumed, classes)
+        check_resume(args, resumed, classes, saver)
     kwargs = fine_tuning_kwargs(args, len(classes), initial) if initial else model_kwargs(args, len(classes))
     seed_all(args.seed + d.rank)  # ranks draw different augmentations
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -563,8 +515,8 @@ def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
     start_epoch, history = 0, []
     if resumed is not None:
         ckpt = resumed
-        if d.is_main and latest_epoch(args.output) > ckpt["epoch"]:
-            rewind(args, ckpt)
+        if d.is_main:
+            saver.resume_from(ckpt, args.resume)
         log_schedule_changes(args, ckpt)
         t.load_state_dict(ckpt)
         start_epoch, history = ckpt["epoch"], ckpt["history"]
@@ -607,9 +559,8 @@ def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
         rng = all_rng_states(d)  # after the epoch's last random draw: the next epoch starts from here
         state = t.state_dict()  # under --fsdp every rank takes part in gathering it
         if d.is_main:
-            save_checkpoint(dict(state, epoch=epoch + 1, args=vars(args), model_kwargs=kwargs,
-                                 classes=classes, history=history, rng=rng), checkpoint)
-            keep_checkpoints(args, history, checkpoint, best_by="ema_top1" if t.ema is not None else "val_top1")
+            saver.save(dict(state, epoch=epoch + 1, args=vars(args), model_kwargs=kwargs, classes=classes,
+                            history=history, rng=rng), metric=row[saver.best_by])
             write_csv(history, os.path.join(args.output, LOG_NAME))
             for key in ("val_loss", "val_top1", "val_top5", "ema_top1", "ema_top5"):
                 if key in row:

@@ -18,7 +18,6 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from timm.data import Mixup
-from timm.layers import resample_abs_pos_embed, to_2tuple
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -28,7 +27,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from revcol import check_gamma_init
-from revcol.checkpoint import load_plain_checkpoint
 
 from . import hierarchical
 from .checkpoints import CheckpointSaver
@@ -44,6 +42,7 @@ from .data import (
     train_transform,
 )
 from .errors import UsageError
+from .fine_tuning import InitialWeights
 from .model import VARIANTS
 from .runtime import (
     AMP_DTYPES,
@@ -130,76 +129,6 @@ def model_kwargs(args, num_classes: int) -> Dict[str, Any]:
         if value is not None:
             kwargs[name] = tuple(value) if isinstance(value, list) else value
     return kwargs
-
-
-def initial_weights(path: str, model_name: str) -> Dict[str, Any]:
-    """The checkpoint ``--initial-checkpoint`` names: a revcol_vit.train checkpoint of ``model_name``."""
-    ckpt = load_checkpoint(path)
-    check_checkpoint_fits(ckpt, path, model_name)
-    return ckpt
-
-
-def fine_tuning_kwargs(args, num_classes: int, initial: Dict[str, Any]) -> Dict[str, Any]:
-    """The initial checkpoint's model, with the sizes this run sets (its classes and image size at least)."""
-    return {**initial["model_kwargs"], **model_kwargs(args, num_classes)}
-
-
-def load_initial_weights(model: nn.Module, initial: Dict[str, Any], path: str) -> str:
-    """Loads a trained model's weights (its EMA's, if it has one, as timm does) into a new run's ``model``: a head
-    of another number of classes stays freshly initialized, and the position embedding is resampled (bicubic) to
-    the new image size. Returns which weights were loaded."""
-    weights = "ema" if initial["ema"] is not None else "model"
-    state = dict(initial[weights])
-    old_grid = [size // model.patch_embed.stride[0] for size in to_2tuple(initial["model_kwargs"]["img_size"])]
-    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(model.grid_size),
-                                                old_size=old_grid, num_prefix_tokens=0)
-    head = {name for name in state if name.startswith("head.")}
-    if state["head.weight"].shape != model.head.weight.shape:
-        state = {name: value for name, value in state.items() if name not in head}
-    own = model.state_dict()
-    misfits = [f"{name} {tuple(value.shape)} vs {tuple(own[name].shape)}" for name, value in state.items()
-               if name in own and value.shape != own[name].shape]
-    missing, unexpected = set(own) - set(state) - head, set(state) - set(own)
-    if misfits or missing or unexpected:
-        raise UsageError(f"--initial-checkpoint {path} does not fit this model: "
-                         f"{', '.join(misfits or sorted(missing) or sorted(unexpected))}")
-    model.load_state_dict(state, strict=False)
-    return weights
-
-
-def load_hierarchical_initial_weights(model: nn.Module, path: str, model_name: str) -> str:
-    """``--initial-checkpoint`` for a hierarchical model: an official RevCol file (through the model's
-    checkpoint_filter_fn) or a revcol_vit.train checkpoint of ``model_name`` (its EMA's weights if any). A head of
-    another number of classes stays freshly initialized, as do heads and decoders the file lacks. Returns what
-    was loaded."""
-    try:
-        ckpt = load_plain_checkpoint(path)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if isinstance(ckpt, dict) and "args" in ckpt:
-        if ckpt["args"]["model"] != model_name:
-            raise UsageError(f"--initial-checkpoint {path} holds {ckpt['args']['model']}, not {model_name}")
-        weights = "ema" if ckpt.get("ema") is not None else "model"
-        state = ckpt[weights]
-    else:
-        weights = "official"
-        try:
-            state = hierarchical.checkpoint_filter_fn(ckpt, model)
-        except (ValueError, AttributeError) as e:
-            raise UsageError(f"--initial-checkpoint {path}: {e}") from None
-    own = model.state_dict()
-    if "head.fc.weight" in state and state["head.fc.weight"].shape != own["head.fc.weight"].shape:
-        state = {name: value for name, value in state.items() if not name.startswith("head.fc.")}
-    fresh = ("head.fc.", "aux_heads.", "decoders.")
-    misfits = [f"{name} {tuple(value.shape)} vs {tuple(own[name].shape)}" for name, value in state.items()
-               if name in own and value.shape != own[name].shape]
-    missing = {name for name in own if name not in state and not name.startswith(fresh)}
-    unexpected = {name for name in state if name not in own and not name.startswith(("aux_heads.", "decoders."))}
-    if misfits or missing or unexpected:
-        raise UsageError(f"--initial-checkpoint {path} does not fit this model: "
-                         f"{', '.join(misfits or sorted(missing) or sorted(unexpected))}")
-    model.load_state_dict({name: value for name, value in state.items() if name in own}, strict=False)
-    return weights
 
 
 def build_transforms(args):
@@ -467,26 +396,24 @@ def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
     saver = CheckpointSaver(args.output, best_by="ema_top1" if args.ema_decay > 0 else "val_top1",
                             keep_last=args.keep_last)
     train_tf, eval_tf = build_transforms(args)
-    official_format = args.initial_checkpoint and args.model in hierarchical.VARIANTS
-    initial = initial_weights(args.initial_checkpoint, args.model) if args.initial_checkpoint \
-        and not official_format else None
+    initial = InitialWeights(args.initial_checkpoint, args.model) if args.initial_checkpoint else None
+
+    def run_model_kwargs(num_classes: int) -> Dict[str, Any]:
+        kwargs = model_kwargs(args, num_classes)
+        return initial.model_kwargs(kwargs) if initial else kwargs
+
     with torch.device("meta"):  # sizes that do not fit together are an error before the data is read
-        create_model(args.model, **(fine_tuning_kwargs(args, 1, initial) if initial else model_kwargs(args, 1)))
+        create_model(args.model, **run_model_kwargs(1))
     splits, classes = open_splits(args.dataset, args.data, {"train": train_tf, "val": eval_tf})
     resumed = load_checkpoint(args.resume) if args.resume else None
     if resumed is not None:
         check_resume(args, resumed, classes, saver)
-    kwargs = fine_tuning_kwargs(args, len(classes), initial) if initial else model_kwargs(args, len(classes))
+    kwargs = run_model_kwargs(len(classes))
     seed_all(args.seed + d.rank)  # ranks draw different augmentations
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = create_model(args.model, **kwargs)
     if initial:  # weights only: optimizer, schedule and EMA start afresh (--resume restores a whole run instead)
-        weights = load_initial_weights(model, initial, args.initial_checkpoint)
-        _logger.info("fine-tuning the %s weights of %s (epoch %d)", weights, args.initial_checkpoint,
-                     initial["epoch"])
-    if official_format:
-        weights = load_hierarchical_initial_weights(model, args.initial_checkpoint, args.model)
-        _logger.info("fine-tuning the %s weights of %s", weights, args.initial_checkpoint)
+        initial.load_into(model)
     model.to(d.device)
     torch.manual_seed(args.seed + d.rank)
 

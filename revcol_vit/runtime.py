@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 
+from revcol import ReversibleColumns
 from revcol.checkpoint import load_plain_checkpoint, write_atomically
 
 from .errors import UsageError
@@ -151,11 +152,17 @@ def create_model(name: str, **kwargs) -> nn.Module:
         raise UsageError(f"model {name} cannot be built with {kwargs}: {e}") from None
 
 
+def reversible_columns(model: nn.Module) -> List[ReversibleColumns]:
+    """The reversible columns a model holds, wherever it holds them (none in a model without)."""
+    return [module for module in model.modules() if isinstance(module, ReversibleColumns)]
+
+
 def compile_model(model: nn.Module) -> None:
     """torch.compile in place: a RevCol model's level functions (its reversible backward stays eager)."""
-    if hasattr(model, "revcol"):
-        model.revcol.compile_levels()
-    else:
+    columns = reversible_columns(model)
+    for each in columns:
+        each.compile_levels()
+    if not columns:
         model.compile()
 
 
@@ -168,8 +175,9 @@ def shard_model(model: nn.Module, d: Dist) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(d.device.type, (d.world_size,))
-    for column in model.revcol.columns if hasattr(model, "revcol") else []:
-        fully_shard(column, mesh=mesh)
+    for each in reversible_columns(model):
+        for column in each.columns:
+            fully_shard(column, mesh=mesh)
     return fully_shard(model, mesh=mesh)
 
 

@@ -63,6 +63,7 @@ from .runtime import (
     load_full_state,
     lock_folder,
     make_output_folder,
+    reversible_columns,
     run_cli,
     run_files,
     same_path,
@@ -247,23 +248,30 @@ class IntervalLog:
         self.since, self.since_step = now, epoch_step
 
 
+def worst_error(errors: List[float]) -> float:
+    """The largest of ``errors``, a NaN being the worst."""
+    return max(errors, key=lambda error: (math.isnan(error), error))
+
+
 def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_batches: int, mixup, criterion,
                     args, d: Dist, writer, desc: str) -> Dict[str, float]:
     """One pass over the epoch's micro-batches; returns the mean loss of its optimizer steps and, for a model with
     reversible columns, the worst relative error of a state rebuilt in backward (this rank's)."""
     amp_dtype = AMP_DTYPES[args.amp]
     t.model.train()
-    columns = getattr(t.model, "revcol", None)  # any timm model trains here; only RevCol-ViT rebuilds states
+    # Any timm model trains here; only reversible columns rebuild states, wherever the model holds them.
+    gauges = reversible_columns(t.model)
     worst_rebuild = None
 
     def read_rebuild_error() -> None:
-        # The gauge stays on the device through the steps; reading it waits for the device, so it is read at the
+        # Each gauge stays on the device through the steps; reading it waits for the device, so it is read at the
         # log interval and the epoch's end only. Reading it warns once if reversible gradients drift from plain
-        # autograd's (revcol.ReversibleColumns).
+        # autograd's.
         nonlocal worst_rebuild
-        rebuild = columns.worst_reconstruction_error() if columns is not None else None
-        if rebuild is not None:
-            worst_rebuild = max(worst_rebuild or 0.0, rebuild, key=lambda e: (math.isnan(e), e))  # NaN: worst
+        errors = [error for error in (gauge.worst_reconstruction_error() for gauge in gauges) if error is not None]
+        if errors:
+            rebuild = worst_error(errors)
+            worst_rebuild = worst_error([worst_rebuild or 0.0, rebuild])
             if writer is not None:
                 writer.add_scalar("train/reconstruction_error", rebuild, t.num_updates)
 

@@ -9,7 +9,7 @@ import torch
 import revcol_vit  # noqa: F401  (registers the models)
 from revcol_vit.checkpoints import CheckpointSaver
 from revcol_vit.model import checkpoint_filter_fn
-from revcol_vit.runtime import CHECKPOINT_KEYS, load_checkpoint
+from revcol_vit.runtime import CHECKPOINT_KEYS, compile_model, load_checkpoint, reversible_columns
 
 TINY = dict(patch_size=8, embed_dim=32, num_heads=2, depths=(1, 1, 1, 1), num_columns=2)
 
@@ -82,3 +82,13 @@ def test_the_filter_passes_weights_of_the_same_grid_through(grid_size):
     model = timm.create_model("revcol_vit_s", img_size=32, num_classes=10, **TINY)
     state = model.state_dict()
     assert torch.equal(checkpoint_filter_fn(state, model, grid_size=grid_size)["pos_embed"], state["pos_embed"])
+
+
+def test_the_trainer_finds_reversible_columns_under_any_name():
+    """Columns held under another attribute (in a wrapper, say) are found, as the trainer finds the gauges it reads,
+    and compiled level by level, as a RevCol-ViT's own; the wrapper itself is not compiled whole."""
+    inner = timm.create_model("revcol_vit_s", img_size=32, num_classes=10, **TINY)
+    wrapper = torch.nn.ModuleDict(dict(backbone=inner))
+    assert reversible_columns(wrapper) == [inner.revcol]
+    compile_model(wrapper)
+    assert inner.revcol.levels_compiled and wrapper._compiled_call_impl is None

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import register_notrace_module, to_2tuple
+from timm.layers import register_notrace_module, resample_abs_pos_embed, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices  # not re-exported; timm's own models import it so
 from torch import Tensor, nn
@@ -220,6 +220,19 @@ def _check_args(img_size: Tuple[int, int], patch_size: int, global_pool: str) ->
     _check_global_pool(global_pool)
 
 
+def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: RevColViT,
+                         grid_size: Optional[Sequence[int]] = None) -> Dict[str, Tensor]:
+    """A RevCol-ViT state dict for ``model``, which may take another image size: the position embedding is resampled
+    (bicubic) from ``grid_size``, the patch grid it was trained on (square if not given), to the model's. timm's
+    pretrained loading applies it, and so does fine-tuning in revcol_vit.train."""
+    pos_embed = state_dict.get("pos_embed")
+    if pos_embed is None or (grid_size is None and pos_embed.shape == model.pos_embed.shape):
+        return state_dict
+    resampled = resample_abs_pos_embed(pos_embed, new_size=list(model.grid_size),
+                                       old_size=None if grid_size is None else list(grid_size), num_prefix_tokens=0)
+    return dict(state_dict, pos_embed=resampled)
+
+
 def _cfg(**kwargs) -> Dict:
     return {
         "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
@@ -239,6 +252,7 @@ def _create_revcol_vit(variant: str, pretrained: bool = False, **kwargs) -> RevC
         # timm's data config is read from the pretrained cfg: make it describe the model as built.
         overlay = {"input_size": (kwargs.get("in_chans", 3), *to_2tuple(kwargs.get("img_size", 224))), **overlay}
     return build_model_with_cfg(RevColViT, variant, pretrained, pretrained_cfg_overlay=overlay,
+                                pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 

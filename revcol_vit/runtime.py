@@ -4,7 +4,6 @@ import errno
 import logging
 import os
 import random
-import re
 import shutil
 import socket
 import sys
@@ -20,13 +19,12 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 
+from revcol import ReversibleColumns
 from revcol.checkpoint import load_plain_checkpoint, write_atomically
 
 from .errors import UsageError
 
 CHECKPOINT_NAME = "checkpoint.pth"  # the latest epoch's, which --resume continues
-BEST_CHECKPOINT_NAME = "checkpoint_best.pth"  # the epoch of the best val top-1 (the EMA's when there is an EMA)
-EPOCH_CHECKPOINT = re.compile(r"checkpoint_epoch(\d+)\.pth")  # --keep-last N keeps the last N of these
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "ema", "step", "epoch", "args", "model_kwargs",
                    "classes", "history", "rng")  # what train() writes, and validate() and --resume read
 LOG_NAME = "log.csv"
@@ -154,11 +152,17 @@ def create_model(name: str, **kwargs) -> nn.Module:
         raise UsageError(f"model {name} cannot be built with {kwargs}: {e}") from None
 
 
+def reversible_columns(model: nn.Module) -> List[ReversibleColumns]:
+    """The reversible columns a model holds, wherever it holds them (none in a model without)."""
+    return [module for module in model.modules() if isinstance(module, ReversibleColumns)]
+
+
 def compile_model(model: nn.Module) -> None:
     """torch.compile in place: a RevCol model's level functions (its reversible backward stays eager)."""
-    if hasattr(model, "revcol"):
-        model.revcol.compile_levels()
-    else:
+    columns = reversible_columns(model)
+    for each in columns:
+        each.compile_levels()
+    if not columns:
         model.compile()
 
 
@@ -171,8 +175,9 @@ def shard_model(model: nn.Module, d: Dist) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(d.device.type, (d.world_size,))
-    for column in model.revcol.columns if hasattr(model, "revcol") else []:
-        fully_shard(column, mesh=mesh)
+    for each in reversible_columns(model):
+        for column in each.columns:
+            fully_shard(column, mesh=mesh)
     return fully_shard(model, mesh=mesh)
 
 
@@ -276,30 +281,6 @@ def write_run_file(write: Callable[[str], Any], path: str) -> None:
 
 def save_checkpoint(state: Dict[str, Any], path: str) -> None:
     write_run_file(lambda tmp: torch.save(state, tmp), path)
-
-
-def copy_checkpoint(src: str, dst: str) -> None:
-    """An atomic copy of a written checkpoint: a hard link where the file system has them (no bytes copied; when
-    ``src`` is replaced by the next epoch's, the link keeps this one), else a copy of the bytes."""
-    def link(tmp: str) -> None:
-        try:
-            os.link(src, tmp)
-        except OSError:  # no hard links on this file system, or a temporary file that a crash left
-            shutil.copyfile(src, tmp)
-
-    write_run_file(link, dst)
-
-
-def epoch_checkpoint_path(folder: str, epoch: int) -> str:
-    return os.path.join(folder, f"checkpoint_epoch{epoch}.pth")
-
-
-def remove_epoch_checkpoints(folder: str, before: int) -> None:
-    """Removes ``checkpoint_epoch<E>.pth`` of every epoch E < ``before``."""
-    for name in os.listdir(folder):
-        match = EPOCH_CHECKPOINT.fullmatch(name)
-        if match and int(match.group(1)) < before:
-            os.remove(os.path.join(folder, name))
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:

@@ -7,7 +7,6 @@ Several GPUs:   torchrun --nproc_per_node 8 -m revcol_vit.train --data /imagenet
 with a checkpoint (model, optimizer, scheduler, EMA, grad scaler, RNG states of every rank) that ``--resume``
 continues from exactly: the data order of an epoch depends only on the seed and the epoch.
 """
-import csv
 import logging
 import math
 import os
@@ -19,7 +18,6 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from timm.data import Mixup
-from timm.layers import resample_abs_pos_embed, to_2tuple
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -29,9 +27,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from revcol import check_gamma_init
-from revcol.checkpoint import load_plain_checkpoint
 
 from . import hierarchical
+from .checkpoints import CheckpointSaver
 from .config import MODEL_KWARGS, TRAIN_OPTIONS, Parser, check_options, load_yaml_recipe
 from .data import (
     check_augment_policy,
@@ -43,12 +41,11 @@ from .data import (
     train_transform,
 )
 from .errors import UsageError
+from .fine_tuning import InitialWeights
 from .model import VARIANTS
 from .runtime import (
     AMP_DTYPES,
-    BEST_CHECKPOINT_NAME,
     CHECKPOINT_NAME,
-    EPOCH_CHECKPOINT,
     LOG_NAME,
     TENSORBOARD_NAME,
     Dist,
@@ -57,21 +54,18 @@ from .runtime import (
     broadcast_from_main,
     check_checkpoint_fits,
     compile_model,
-    copy_checkpoint,
     count_parameters,
     create_model,
-    epoch_checkpoint_path,
     evaluate,
     full_state,
     load_checkpoint,
     load_full_state,
     lock_folder,
     make_output_folder,
-    remove_epoch_checkpoints,
+    reversible_columns,
     run_cli,
     run_files,
     same_path,
-    save_checkpoint,
     seed_all,
     set_rng_state,
     setup_distributed,
@@ -125,76 +119,6 @@ def model_kwargs(args, num_classes: int) -> Dict[str, Any]:
         if value is not None:
             kwargs[name] = tuple(value) if isinstance(value, list) else value
     return kwargs
-
-
-def initial_weights(path: str, model_name: str) -> Dict[str, Any]:
-    """The checkpoint ``--initial-checkpoint`` names: a revcol_vit.train checkpoint of ``model_name``."""
-    ckpt = load_checkpoint(path)
-    check_checkpoint_fits(ckpt, path, model_name)
-    return ckpt
-
-
-def fine_tuning_kwargs(args, num_classes: int, initial: Dict[str, Any]) -> Dict[str, Any]:
-    """The initial checkpoint's model, with the sizes this run sets (its classes and image size at least)."""
-    return {**initial["model_kwargs"], **model_kwargs(args, num_classes)}
-
-
-def load_initial_weights(model: nn.Module, initial: Dict[str, Any], path: str) -> str:
-    """Loads a trained model's weights (its EMA's, if it has one, as timm does) into a new run's ``model``: a head
-    of another number of classes stays freshly initialized, and the position embedding is resampled (bicubic) to
-    the new image size. Returns which weights were loaded."""
-    weights = "ema" if initial["ema"] is not None else "model"
-    state = dict(initial[weights])
-    old_grid = [size // model.patch_embed.stride[0] for size in to_2tuple(initial["model_kwargs"]["img_size"])]
-    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(model.grid_size),
-                                                old_size=old_grid, num_prefix_tokens=0)
-    head = {name for name in state if name.startswith("head.")}
-    if state["head.weight"].shape != model.head.weight.shape:
-        state = {name: value for name, value in state.items() if name not in head}
-    own = model.state_dict()
-    misfits = [f"{name} {tuple(value.shape)} vs {tuple(own[name].shape)}" for name, value in state.items()
-               if name in own and value.shape != own[name].shape]
-    missing, unexpected = set(own) - set(state) - head, set(state) - set(own)
-    if misfits or missing or unexpected:
-        raise UsageError(f"--initial-checkpoint {path} does not fit this model: "
-                         f"{', '.join(misfits or sorted(missing) or sorted(unexpected))}")
-    model.load_state_dict(state, strict=False)
-    return weights
-
-
-def load_hierarchical_initial_weights(model: nn.Module, path: str, model_name: str) -> str:
-    """``--initial-checkpoint`` for a hierarchical model: an official RevCol file (through the model's
-    checkpoint_filter_fn) or a revcol_vit.train checkpoint of ``model_name`` (its EMA's weights if any). A head of
-    another number of classes stays freshly initialized, as do heads and decoders the file lacks. Returns what
-    was loaded."""
-    try:
-        ckpt = load_plain_checkpoint(path)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if isinstance(ckpt, dict) and "args" in ckpt:
-        if ckpt["args"]["model"] != model_name:
-            raise UsageError(f"--initial-checkpoint {path} holds {ckpt['args']['model']}, not {model_name}")
-        weights = "ema" if ckpt.get("ema") is not None else "model"
-        state = ckpt[weights]
-    else:
-        weights = "official"
-        try:
-            state = hierarchical.checkpoint_filter_fn(ckpt, model)
-        except (ValueError, AttributeError) as e:
-            raise UsageError(f"--initial-checkpoint {path}: {e}") from None
-    own = model.state_dict()
-    if "head.fc.weight" in state and state["head.fc.weight"].shape != own["head.fc.weight"].shape:
-        state = {name: value for name, value in state.items() if not name.startswith("head.fc.")}
-    fresh = ("head.fc.", "aux_heads.", "decoders.")
-    misfits = [f"{name} {tuple(value.shape)} vs {tuple(own[name].shape)}" for name, value in state.items()
-               if name in own and value.shape != own[name].shape]
-    missing = {name for name in own if name not in state and not name.startswith(fresh)}
-    unexpected = {name for name in state if name not in own and not name.startswith(("aux_heads.", "decoders."))}
-    if misfits or missing or unexpected:
-        raise UsageError(f"--initial-checkpoint {path} does not fit this model: "
-                         f"{', '.join(misfits or sorted(missing) or sorted(unexpected))}")
-    model.load_state_dict({name: value for name, value in state.items() if name in own}, strict=False)
-    return weights
 
 
 def build_transforms(args):
@@ -313,23 +237,30 @@ class IntervalLog:
         self.since, self.since_step = now, epoch_step
 
 
+def worst_error(errors: List[float]) -> float:
+    """The largest of ``errors``, a NaN being the worst."""
+    return max(errors, key=lambda error: (math.isnan(error), error))
+
+
 def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_batches: int, mixup, criterion,
                     args, d: Dist, writer, desc: str) -> Dict[str, float]:
     """One pass over the epoch's micro-batches; returns the mean loss of its optimizer steps and, for a model with
     reversible columns, the worst relative error of a state rebuilt in backward (this rank's)."""
     amp_dtype = AMP_DTYPES[args.amp]
     t.model.train()
-    columns = getattr(t.model, "revcol", None)  # any timm model trains here; only RevCol-ViT rebuilds states
+    # Any timm model trains here; only reversible columns rebuild states, wherever the model holds them.
+    gauges = reversible_columns(t.model)
     worst_rebuild = None
 
     def read_rebuild_error() -> None:
-        # The gauge stays on the device through the steps; reading it waits for the device, so it is read at the
+        # Each gauge stays on the device through the steps; reading it waits for the device, so it is read at the
         # log interval and the epoch's end only. Reading it warns once if reversible gradients drift from plain
-        # autograd's (revcol.ReversibleColumns).
+        # autograd's.
         nonlocal worst_rebuild
-        rebuild = columns.worst_reconstruction_error() if columns is not None else None
-        if rebuild is not None:
-            worst_rebuild = max(worst_rebuild or 0.0, rebuild, key=lambda e: (math.isnan(e), e))  # NaN: worst
+        errors = [error for error in (gauge.worst_reconstruction_error() for gauge in gauges) if error is not None]
+        if errors:
+            rebuild = worst_error(errors)
+            worst_rebuild = worst_error([worst_rebuild or 0.0, rebuild])
             if writer is not None:
                 writer.add_scalar("train/reconstruction_error", rebuild, t.num_updates)
 
@@ -385,18 +316,6 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
     return metrics
 
 
-def keep_checkpoints(args, history: List[Dict[str, Any]], checkpoint: str, best_by: str) -> None:
-    """After ``checkpoint`` is written: ``checkpoint_best.pth`` if this epoch's ``best_by`` is the best so far, and
-    the last ``--keep-last`` epochs' ``checkpoint_epoch<E>.pth``."""
-    epoch = history[-1]["epoch"]
-    if history[-1][best_by] > max((row.get(best_by, -math.inf) for row in history[:-1]), default=-math.inf):
-        copy_checkpoint(checkpoint, os.path.join(args.output, BEST_CHECKPOINT_NAME))
-        _logger.info("epoch %d has the best %s so far: %s", epoch, best_by, BEST_CHECKPOINT_NAME)
-    if args.keep_last > 0:
-        copy_checkpoint(checkpoint, epoch_checkpoint_path(args.output, epoch))
-        remove_epoch_checkpoints(args.output, before=epoch - args.keep_last + 1)
-
-
 SCHEDULE_FLAGS = ("epochs", "warmup_epochs", "lr", "lr_base_batch", "batch_size", "min_lr", "warmup_lr")
 
 
@@ -415,50 +334,18 @@ def check_output_run(args) -> None:
                          f"{args.resume}: resume from a checkpoint in {args.output}, or train into another --output")
 
 
-def latest_epoch(folder: str) -> int:
-    """The last epoch the run in ``folder`` finished: its log's, or its kept epoch checkpoints' (0 if none)."""
-    epochs = [int(match.group(1)) for match in map(EPOCH_CHECKPOINT.fullmatch, os.listdir(folder)) if match]
-    log = os.path.join(folder, LOG_NAME)
-    if os.path.isfile(log):
-        with open(log, newline="") as f:
-            epochs += [int(row["epoch"]) for row in csv.DictReader(f) if row.get("epoch", "").isdigit()]
-    return max(epochs, default=0)
-
-
-def check_resume(args, ckpt: Dict[str, Any], classes: List[str]) -> None:
+def check_resume(args, ckpt: Dict[str, Any], classes: List[str], saver: CheckpointSaver) -> None:
     """The checkpoint ``--resume`` names is of this model and these classes, and (in the output folder) not an earlier
     epoch than the run reached, unless ``--rewind``."""
     model_args = {name: getattr(args, name) for name in ("img_size", *MODEL_KWARGS)}
     check_checkpoint_fits(ckpt, args.resume, args.model, model_args, classes)
     if not same_path(os.path.dirname(args.resume) or ".", args.output):
         return
-    latest = latest_epoch(args.output)
+    latest = saver.latest_epoch()
     if latest > ckpt["epoch"] and not args.rewind:
         raise UsageError(f"--resume {args.resume} is epoch {ckpt['epoch']} of the run in {args.output}, which has "
                          f"reached epoch {latest}: give --rewind to remove epochs {ckpt['epoch'] + 1}-{latest} "
                          f"and continue from epoch {ckpt['epoch']}")
-
-
-def rewind(args, ckpt: Dict[str, Any]) -> None:
-    """Removes what the run in the output folder wrote after the epoch of ``--resume``: later epoch checkpoints, a
-    later best checkpoint and log rows; ``checkpoint.pth`` becomes the resumed one. One log line says what went."""
-    epoch, removed = ckpt["epoch"], []
-    for name in sorted(os.listdir(args.output)):
-        match = EPOCH_CHECKPOINT.fullmatch(name)
-        if match and int(match.group(1)) > epoch:
-            os.remove(os.path.join(args.output, name))
-            removed.append(name)
-    best = os.path.join(args.output, BEST_CHECKPOINT_NAME)
-    if os.path.isfile(best) and not same_path(best, args.resume) and load_checkpoint(best)["epoch"] > epoch:
-        os.remove(best)
-        removed.append(BEST_CHECKPOINT_NAME)
-    latest = os.path.join(args.output, CHECKPOINT_NAME)
-    if not (os.path.isfile(latest) and same_path(latest, args.resume)):
-        copy_checkpoint(args.resume, latest)
-    write_csv(ckpt["history"], os.path.join(args.output, LOG_NAME))
-    _logger.warning("rewinding %s to epoch %d (--rewind): removed %s; %s is now epoch %d's; log.csv cut to %d rows",
-                    args.output, epoch, ", ".join(removed) or "no later checkpoint", CHECKPOINT_NAME, epoch,
-                    len(ckpt["history"]))
 
 
 def log_schedule_changes(args, ckpt: Dict[str, Any]) -> None:
@@ -502,28 +389,28 @@ def train(args) -> List[Dict[str, Any]]:
 
 
 def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
-    checkpoint = os.path.join(args.output, CHECKPOINT_NAME)
+    # The best epoch is the EMA's when there is an EMA (build_training keeps one for a positive --ema-decay).
+    saver = CheckpointSaver(args.output, best_by="ema_top1" if args.ema_decay > 0 else "val_top1",
+                            keep_last=args.keep_last)
     train_tf, eval_tf = build_transforms(args)
-    official_format = args.initial_checkpoint and args.model in hierarchical.VARIANTS
-    initial = initial_weights(args.initial_checkpoint, args.model) if args.initial_checkpoint \
-        and not official_format else None
+    initial = InitialWeights(args.initial_checkpoint, args.model) if args.initial_checkpoint else None
+
+    def run_model_kwargs(num_classes: int) -> Dict[str, Any]:
+        kwargs = model_kwargs(args, num_classes)
+        return initial.model_kwargs(kwargs) if initial else kwargs
+
     with torch.device("meta"):  # sizes that do not fit together are an error before the data is read
-        create_model(args.model, **(fine_tuning_kwargs(args, 1, initial) if initial else model_kwargs(args, 1)))
+        create_model(args.model, **run_model_kwargs(1))
     splits, classes = open_splits(args.dataset, args.data, {"train": train_tf, "val": eval_tf})
     resumed = load_checkpoint(args.resume) if args.resume else None
     if resumed is not None:
-        check_resume(args, resumed, classes)
-    kwargs = fine_tuning_kwargs(args, len(classes), initial) if initial else model_kwargs(args, len(classes))
+        check_resume(args, resumed, classes, saver)
+    kwargs = run_model_kwargs(len(classes))
     seed_all(args.seed + d.rank)  # ranks draw different augmentations
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = create_model(args.model, **kwargs)
     if initial:  # weights only: optimizer, schedule and EMA start afresh (--resume restores a whole run instead)
-        weights = load_initial_weights(model, initial, args.initial_checkpoint)
-        _logger.info("fine-tuning the %s weights of %s (epoch %d)", weights, args.initial_checkpoint,
-                     initial["epoch"])
-    if official_format:
-        weights = load_hierarchical_initial_weights(model, args.initial_checkpoint, args.model)
-        _logger.info("fine-tuning the %s weights of %s", weights, args.initial_checkpoint)
+        initial.load_into(model)
     model.to(d.device)
     torch.manual_seed(args.seed + d.rank)
 
@@ -552,8 +439,8 @@ def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
     start_epoch, history = 0, []
     if resumed is not None:
         ckpt = resumed
-        if d.is_main and latest_epoch(args.output) > ckpt["epoch"]:
-            rewind(args, ckpt)
+        if d.is_main:
+            saver.resume_from(ckpt, args.resume)
         log_schedule_changes(args, ckpt)
         t.load_state_dict(ckpt)
         start_epoch, history = ckpt["epoch"], ckpt["history"]
@@ -596,9 +483,8 @@ def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
         rng = all_rng_states(d)  # after the epoch's last random draw: the next epoch starts from here
         state = t.state_dict()  # under --fsdp every rank takes part in gathering it
         if d.is_main:
-            save_checkpoint(dict(state, epoch=epoch + 1, args=vars(args), model_kwargs=kwargs,
-                                 classes=classes, history=history, rng=rng), checkpoint)
-            keep_checkpoints(args, history, checkpoint, best_by="ema_top1" if t.ema is not None else "val_top1")
+            saver.save(dict(state, epoch=epoch + 1, args=vars(args), model_kwargs=kwargs, classes=classes,
+                            history=history, rng=rng), metric=row[saver.best_by])
             write_csv(history, os.path.join(args.output, LOG_NAME))
             for key in ("val_loss", "val_top1", "val_top5", "ema_top1", "ema_top5"):
                 if key in row:

@@ -14,6 +14,7 @@ the others.
 import argparse
 import copy
 import csv
+import dataclasses
 import os
 from typing import Any, Dict, List, Optional
 
@@ -25,7 +26,7 @@ from revcol import check_gamma_init
 from revcol.checkpoint import write_atomically
 from revcol.memory import PeakBytes
 
-from .config import Option, Parser
+from .config import TRAIN_OPTIONS, Option, Parser
 from .data import open_splits
 from .errors import UsageError
 from .model import VARIANTS
@@ -43,14 +44,20 @@ from .train import build_parser, model_kwargs, parse_args, train
 SWEEP_VARIANTS = ("1x32", "2x16", "4x8", "8x4")
 
 
+def sweep_options() -> Dict[Optional[str], Dict[str, Option]]:
+    """The trainer's options, with the variants to train, the model left to the sweep and its own output folder."""
+    options = {title: dict(group) for title, group in TRAIN_OPTIONS.items()}
+    for group in options.values():
+        if "model" in group:
+            group["model"] = Option(optional=True, help="unset: the sweep sets the model per variant")
+    options[None]["output"] = dataclasses.replace(options[None]["output"], default="runs/column_sweep")
+    options[None]["variants"] = Option(count="+", choices=SWEEP_VARIANTS, default=list(SWEEP_VARIANTS),
+                                       help="columns x blocks per column")
+    return options
+
+
 def sweep_parser() -> Parser:
-    parser = build_parser()
-    parser.description = __doc__.splitlines()[0]
-    parser.add_options(None, dict(variants=Option(count="+", choices=SWEEP_VARIANTS, default=list(SWEEP_VARIANTS),
-                                                  help="columns x blocks per column")))
-    parser.schema["model"] = Option(optional=True, help="unset: the sweep sets the model per variant")
-    parser.set_defaults(model=None, output="runs/column_sweep")
-    return parser
+    return build_parser(sweep_options(), __doc__.splitlines()[0])
 
 
 def gflops(model: torch.nn.Module, img_size: int) -> float:

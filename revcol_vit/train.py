@@ -30,7 +30,7 @@ from revcol import check_gamma_init
 
 from . import hierarchical
 from .checkpoints import CheckpointSaver
-from .config import MODEL_KWARGS, TRAIN_OPTIONS, Parser, check_options, load_yaml_recipe
+from .config import MODEL_KWARGS, TRAIN_OPTIONS, Option, Parser, check_options, load_yaml_recipe
 from .data import (
     check_augment_policy,
     drop_undecodable,
@@ -76,12 +76,14 @@ from .runtime import (
 
 _logger = logging.getLogger("revcol_vit.train")
 
-def build_parser() -> Parser:
-    p = Parser(description=__doc__.splitlines()[0], allow_abbrev=False,
+def build_parser(options: Dict[Optional[str], Dict[str, Option]] = TRAIN_OPTIONS,
+                 description: str = __doc__.splitlines()[0]) -> Parser:
+    """The flags of ``options`` (the trainer's, or a table composed from them, as the sweep's)."""
+    p = Parser(description=description, allow_abbrev=False,
                epilog="Unset options take the ImageNet-1K recipe of Table 11 (revcol_vit/config.py, "
                       "docs/vit_training.md).")
-    for title, options in TRAIN_OPTIONS.items():
-        p.add_options(title, options)
+    for title, group in options.items():
+        p.add_options(title, group)
     return p
 
 

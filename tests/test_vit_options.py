@@ -122,6 +122,14 @@ def test_every_option_has_a_row():
     assert set(VALIDATE_TABLE) == set(validate_parser().schema)
 
 
+def test_the_sweep_composes_its_options_from_the_trainers_and_leaves_them_as_they_are():
+    sweep_defaults = sweep_parser().parse_args(["--data", "d"])
+    train_defaults = train_parser().parse_args(["--data", "d"])
+    assert (sweep_defaults.model, sweep_defaults.output) == (None, "runs/column_sweep")
+    assert (train_defaults.model, train_defaults.output) == ("revcol_vit_s", "runs/revcol_vit")
+    assert set(sweep_parser().schema) - set(train_parser().schema) == {"variants"}
+
+
 # The config file cannot name itself, and --data is given in parse_train.
 @pytest.mark.parametrize("name", sorted(set(TRAIN_TABLE) - {"config", "data"}))
 def test_a_value_means_the_same_as_a_flag_or_in_yaml(tmp_path, name):

@@ -252,19 +252,19 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
     t.model.train()
     # Any timm model trains here; only reversible columns rebuild states, wherever the model holds them.
     gauges = reversible_columns(t.model)
-    worst_rebuild = None
+    worst_reconstruction = None
 
-    def read_rebuild_error() -> None:
+    def read_reconstruction_error() -> None:
         # Each gauge stays on the device through the steps; reading it waits for the device, so it is read at the
         # log interval and the epoch's end only. Reading it warns once if reversible gradients drift from plain
         # autograd's.
-        nonlocal worst_rebuild
+        nonlocal worst_reconstruction
         errors = [error for error in (gauge.worst_reconstruction_error() for gauge in gauges) if error is not None]
         if errors:
-            rebuild = worst_error(errors)
-            worst_rebuild = worst_error([worst_rebuild or 0.0, rebuild])
+            error = worst_error(errors)
+            worst_reconstruction = worst_error([worst_reconstruction or 0.0, error])
             if writer is not None:
-                writer.add_scalar("train/reconstruction_error", rebuild, t.num_updates)
+                writer.add_scalar("train/reconstruction_error", error, t.num_updates)
 
     progress = tqdm(micro_batches, total=num_micro_batches, desc=desc, disable=not d.is_main, dynamic_ncols=True)
     loss_sum, micro_loss = 0.0, torch.zeros((), device=d.device)
@@ -305,16 +305,16 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
             raise RuntimeError(f"loss is {step_loss} at step {t.num_updates}; lower --lr or use --amp bf16")
         loss_sum += step_loss
         if args.log_interval > 0 and t.num_updates % args.log_interval == 0:
-            read_rebuild_error()
+            read_reconstruction_error()
         if writer is not None:
             writer.add_scalar("train/loss", step_loss, t.num_updates)
             writer.add_scalar("train/lr", t.lr, t.num_updates)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{t.lr:.3g}")
         log.step(t.num_updates, (i + 1) // args.accum_steps, step_loss, t.lr)
-    read_rebuild_error()
+    read_reconstruction_error()
     metrics = dict(train_loss=loss_sum / (num_micro_batches // args.accum_steps))
-    if worst_rebuild is not None:
-        metrics["reconstruction_error"] = worst_rebuild
+    if worst_reconstruction is not None:
+        metrics["reconstruction_error"] = worst_reconstruction
     return metrics
 
 
@@ -495,7 +495,8 @@ def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
             _logger.info("epoch %d: train loss %.4f, val top-1 %.2f top-5 %.2f%s%s (%.0f s)", epoch + 1,
                          row["train_loss"], row["val_top1"], row["val_top5"],
                          f", EMA top-1 {row['ema_top1']:.2f}" if t.ema is not None else "",
-                         f", rebuild error {row['reconstruction_error']:.1e}" if "reconstruction_error" in row else "",
+                         f", reconstruction error {row['reconstruction_error']:.1e}"
+                         if "reconstruction_error" in row else "",
                          row["epoch_time_s"])
     if writer is not None:
         writer.close()

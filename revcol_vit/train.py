@@ -79,12 +79,12 @@ _logger = logging.getLogger("revcol_vit.train")
 def build_parser(options: Dict[Optional[str], Dict[str, Option]] = TRAIN_OPTIONS,
                  description: str = __doc__.splitlines()[0]) -> Parser:
     """The flags of ``options`` (the trainer's, or a table composed from them, as the sweep's)."""
-    p = Parser(description=description, allow_abbrev=False,
+    parser = Parser(description=description, allow_abbrev=False,
                epilog="Unset options take the ImageNet-1K recipe of Table 11 (revcol_vit/config.py, "
                       "docs/vit_training.md).")
     for title, group in options.items():
-        p.add_options(title, group)
-    return p
+        parser.add_options(title, group)
+    return parser
 
 
 def parse_args(argv: Optional[List[str]] = None, parser: Optional[Parser] = None):
@@ -131,11 +131,11 @@ def build_transforms(args):
     return train, eval_transform(args.img_size, interpolation=args.interpolation, crop_pct=args.crop_pct)
 
 
-def check_batch(args, d: Dist) -> int:
+def check_batch(args, dist: Dist) -> int:
     """The batch each rank feeds per micro-step."""
-    parts = d.world_size * args.accum_steps
+    parts = dist.world_size * args.accum_steps
     if args.batch_size % parts != 0:
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by world size {d.world_size} "
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by world size {dist.world_size} "
                          f"x --accum-steps {args.accum_steps}")
     micro_batch = args.batch_size // parts
     if (args.mixup > 0 or args.cutmix > 0) and micro_batch % 2 != 0:
@@ -143,9 +143,9 @@ def check_batch(args, d: Dist) -> int:
     return micro_batch
 
 
-def check_fsdp(args, d: Dist) -> None:
+def check_fsdp(args, dist: Dist) -> None:
     """What --fsdp does not combine with, as one line."""
-    if d.world_size == 1:
+    if dist.world_size == 1:
         raise UsageError("--fsdp shards over the ranks of a torchrun launch (2 or more processes); one process "
                          "trains unsharded without it")
     if args.ema_decay > 0:
@@ -244,14 +244,14 @@ def worst_error(errors: List[float]) -> float:
     return max(errors, key=lambda error: (math.isnan(error), error))
 
 
-def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_batches: int, mixup, criterion,
-                    args, d: Dist, writer, desc: str) -> Dict[str, float]:
+def train_one_epoch(training: Training, ddp_model: nn.Module, micro_batches, num_micro_batches: int, mixup, criterion,
+                    args, dist: Dist, writer, desc: str) -> Dict[str, float]:
     """One pass over the epoch's micro-batches; returns the mean loss of its optimizer steps and, for a model with
     reversible columns, the worst relative error of a state rebuilt in backward (this rank's)."""
     amp_dtype = AMP_DTYPES[args.amp]
-    t.model.train()
+    training.model.train()
     # Any timm model trains here; only reversible columns rebuild states, wherever the model holds them.
-    gauges = reversible_columns(t.model)
+    gauges = reversible_columns(training.model)
     worst_reconstruction = None
 
     def read_reconstruction_error() -> None:
@@ -264,53 +264,53 @@ def train_one_epoch(t: Training, ddp_model: nn.Module, micro_batches, num_micro_
             error = worst_error(errors)
             worst_reconstruction = worst_error([worst_reconstruction or 0.0, error])
             if writer is not None:
-                writer.add_scalar("train/reconstruction_error", error, t.num_updates)
+                writer.add_scalar("train/reconstruction_error", error, training.num_updates)
 
-    progress = tqdm(micro_batches, total=num_micro_batches, desc=desc, disable=not d.is_main, dynamic_ncols=True)
-    loss_sum, micro_loss = 0.0, torch.zeros((), device=d.device)
-    log = IntervalLog(args.log_interval if d.is_main else 0, args.batch_size, d.device, desc,
+    progress = tqdm(micro_batches, total=num_micro_batches, desc=desc, disable=not dist.is_main, dynamic_ncols=True)
+    loss_sum, micro_loss = 0.0, torch.zeros((), device=dist.device)
+    log = IntervalLog(args.log_interval if dist.is_main else 0, args.batch_size, dist.device, desc,
                       num_micro_batches // args.accum_steps)
     for i, (images, targets) in enumerate(progress):
-        images, targets = images.to(d.device, non_blocking=True), targets.to(d.device, non_blocking=True)
+        images, targets = images.to(dist.device, non_blocking=True), targets.to(dist.device, non_blocking=True)
         if mixup is not None:
             images, targets = mixup(images, targets)
         update = (i + 1) % args.accum_steps == 0
         # Gradients of the accumulation micro-steps stay local; the last one all-reduces their sum.
         # Under --fsdp each micro-step reduce-scatters into the sharded gradients: no whole gradients are kept.
-        with ddp_model.no_sync() if d.world_size > 1 and not update and not args.fsdp else nullcontext():
-            with torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                if getattr(t.model, "aux_heads", None) is not None:  # a hierarchical model's Section 2.3 loss
+        with ddp_model.no_sync() if dist.world_size > 1 and not update and not args.fsdp else nullcontext():
+            with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                if getattr(training.model, "aux_heads", None) is not None:  # a hierarchical model's Section 2.3 loss
                     logits, decoded = ddp_model(images, supervised=True)
                     loss = hierarchical.intermediate_supervision_loss(logits, decoded, hierarchical.denormalize(images),
                                                                       targets, criterion)
                 else:
                     loss = criterion(ddp_model(images), targets)
-            t.scaler.scale(loss / args.accum_steps).backward()
+            training.scaler.scale(loss / args.accum_steps).backward()
         micro_loss += loss.detach() / args.accum_steps
         if not update:
             continue
         if args.clip_grad is not None:
-            t.scaler.unscale_(t.optimizer)
-            nn.utils.clip_grad_norm_(t.model.parameters(), args.clip_grad)
-        t.scaler.step(t.optimizer)
-        t.scaler.update()
-        t.optimizer.zero_grad(set_to_none=True)
-        t.num_updates += 1
-        t.scheduler.step_update(t.num_updates)
-        if t.ema is not None:
-            t.ema.update(t.model, step=t.num_updates)
-        step_loss = all_reduce_sum([micro_loss.item()], d)[0] / d.world_size
+            training.scaler.unscale_(training.optimizer)
+            nn.utils.clip_grad_norm_(training.model.parameters(), args.clip_grad)
+        training.scaler.step(training.optimizer)
+        training.scaler.update()
+        training.optimizer.zero_grad(set_to_none=True)
+        training.num_updates += 1
+        training.scheduler.step_update(training.num_updates)
+        if training.ema is not None:
+            training.ema.update(training.model, step=training.num_updates)
+        step_loss = all_reduce_sum([micro_loss.item()], dist)[0] / dist.world_size
         micro_loss.zero_()
         if not math.isfinite(step_loss):
-            raise RuntimeError(f"loss is {step_loss} at step {t.num_updates}; lower --lr or use --amp bf16")
+            raise RuntimeError(f"loss is {step_loss} at step {training.num_updates}; lower --lr or use --amp bf16")
         loss_sum += step_loss
-        if args.log_interval > 0 and t.num_updates % args.log_interval == 0:
+        if args.log_interval > 0 and training.num_updates % args.log_interval == 0:
             read_reconstruction_error()
         if writer is not None:
-            writer.add_scalar("train/loss", step_loss, t.num_updates)
-            writer.add_scalar("train/lr", t.lr, t.num_updates)
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{t.lr:.3g}")
-        log.step(t.num_updates, (i + 1) // args.accum_steps, step_loss, t.lr)
+            writer.add_scalar("train/loss", step_loss, training.num_updates)
+            writer.add_scalar("train/lr", training.lr, training.num_updates)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{training.lr:.3g}")
+        log.step(training.num_updates, (i + 1) // args.accum_steps, step_loss, training.lr)
     read_reconstruction_error()
     metrics = dict(train_loss=loss_sum / (num_micro_batches // args.accum_steps))
     if worst_reconstruction is not None:
@@ -364,25 +364,25 @@ def train(args) -> List[Dict[str, Any]]:
 
     The main rank checks and locks the output folder before anything is read; a run that fails before it wrote
     anything leaves no folder it created behind."""
-    d = setup_distributed(args.device)
-    if args.amp == "fp16" and d.device.type != "cuda":
+    dist = setup_distributed(args.device)
+    if args.amp == "fp16" and dist.device.type != "cuda":
         raise UsageError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
-    micro_batch = check_batch(args, d)
+    micro_batch = check_batch(args, dist)
     if args.fsdp:
-        check_fsdp(args, d)
+        check_fsdp(args, dist)
     created, lock, error = False, None, None
     try:
-        if d.is_main:
+        if dist.is_main:
             try:
                 created = make_output_folder(args.output)
                 lock = lock_folder(args.output, _logger)
                 check_output_run(args)
             except UsageError as e:
                 error = str(e)
-        error = broadcast_from_main(error, d)  # every rank stops on the main rank's error, none waits for it
+        error = broadcast_from_main(error, dist)  # every rank stops on the main rank's error, none waits for it
         if error is not None:
             raise UsageError(error)
-        return run_training(args, d, micro_batch)
+        return run_training(args, dist, micro_batch)
     finally:
         if lock is not None and os.path.exists(lock):
             os.remove(lock)
@@ -390,7 +390,7 @@ def train(args) -> List[Dict[str, Any]]:
             os.rmdir(args.output)
 
 
-def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
+def run_training(args, dist: Dist, micro_batch: int) -> List[Dict[str, Any]]:
     # The best epoch is the EMA's when there is an EMA (build_training keeps one for a positive --ema-decay).
     saver = CheckpointSaver(args.output, best_by="ema_top1" if args.ema_decay > 0 else "val_top1",
                             keep_last=args.keep_last)
@@ -408,32 +408,32 @@ def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
     if resumed is not None:
         check_resume(args, resumed, classes, saver)
     kwargs = run_model_kwargs(len(classes))
-    seed_all(args.seed + d.rank)  # ranks draw different augmentations
+    seed_all(args.seed + dist.rank)  # ranks draw different augmentations
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = create_model(args.model, **kwargs)
     if initial:  # weights only: optimizer, schedule and EMA start afresh (--resume restores a whole run instead)
         initial.load_into(model)
-    model.to(d.device)
-    torch.manual_seed(args.seed + d.rank)
+    model.to(dist.device)
+    torch.manual_seed(args.seed + dist.rank)
 
     splits, bad = drop_undecodable(splits, classes, skip=args.skip_bad_images, threads=args.workers)
-    if bad and d.is_main:
+    if bad and dist.is_main:
         _logger.warning("left out %d image%s that cannot be decoded (--skip-bad-images)", len(bad),
                         "s" if len(bad) > 1 else "")
     train_set = splits["train"]
-    pin_memory = d.device.type == "cuda"
-    loader = train_loader(train_set, seed=args.seed, rank=d.rank, world_size=d.world_size, batch_size=micro_batch,
+    pin_memory = dist.device.type == "cuda"
+    loader = train_loader(train_set, seed=args.seed, rank=dist.rank, world_size=dist.world_size, batch_size=micro_batch,
                           workers=args.workers, pin_memory=pin_memory)
     updates_per_epoch = len(loader) // args.accum_steps
     if updates_per_epoch == 0:
         raise UsageError(f"{len(train_set)} training images do not fill one batch of {args.batch_size}")
-    val_loader = eval_loader(splits["val"], rank=d.rank, world_size=d.world_size,
+    val_loader = eval_loader(splits["val"], rank=dist.rank, world_size=dist.world_size,
                              batch_size=micro_batch, workers=args.workers, pin_memory=pin_memory)
     if args.fsdp:
-        if len(splits["val"]) < d.world_size:  # every rank takes part in each forward
-            raise UsageError(f"--fsdp needs a validation image per rank: {len(splits['val'])} for {d.world_size}")
-        shard_model(model, d)  # before the optimizer is built on the (then sharded) parameters
-    t = build_training(args, model, updates_per_epoch, d.device)
+        if len(splits["val"]) < dist.world_size:  # every rank takes part in each forward
+            raise UsageError(f"--fsdp needs a validation image per rank: {len(splits['val'])} for {dist.world_size}")
+        shard_model(model, dist)  # before the optimizer is built on the (then sharded) parameters
+    training = build_training(args, model, updates_per_epoch, dist.device)
     if args.compile:  # after the EMA copy is taken: that copy stays eager
         compile_model(model)
     mixup, criterion = build_loss(args, len(classes))
@@ -441,50 +441,51 @@ def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
     start_epoch, history = 0, []
     if resumed is not None:
         ckpt = resumed
-        if d.is_main:
+        if dist.is_main:
             saver.resume_from(ckpt, args.resume)
         log_schedule_changes(args, ckpt)
-        t.load_state_dict(ckpt)
+        training.load_state_dict(ckpt)
         start_epoch, history = ckpt["epoch"], ckpt["history"]
-        if len(ckpt["rng"]) == d.world_size:
-            set_rng_state(ckpt["rng"][d.rank], d.device)
+        if len(ckpt["rng"]) == dist.world_size:
+            set_rng_state(ckpt["rng"][dist.rank], dist.device)
         else:
             _logger.warning("checkpoint has RNG states of %d ranks, this run has %d: augmentation is not replayed",
-                            len(ckpt["rng"]), d.world_size)
-        _logger.info("resumed from %s at epoch %d, step %d", args.resume, start_epoch, t.num_updates)
+                            len(ckpt["rng"]), dist.world_size)
+        _logger.info("resumed from %s at epoch %d, step %d", args.resume, start_epoch, training.num_updates)
 
-    ddp_model = DistributedDataParallel(model) if d.world_size > 1 and not args.fsdp else model
+    ddp_model = DistributedDataParallel(model) if dist.world_size > 1 and not args.fsdp else model
     writer = None
-    if d.is_main:
+    if dist.is_main:
         os.makedirs(args.output, exist_ok=True)
-        writer = tensorboard_writer(os.path.join(args.output, TENSORBOARD_NAME), purge_step=t.num_updates or None)
+        writer = tensorboard_writer(os.path.join(args.output, TENSORBOARD_NAME),
+                                    purge_step=training.num_updates or None)
         _logger.info("%s: %.2fM parameters, %d classes, peak lr %.3g for batch %d (%d ranks x %d accumulation x %d)",
                      args.model, count_parameters(model) / 1e6, len(classes), peak_lr(args), args.batch_size,
-                     d.world_size, args.accum_steps, micro_batch)
-    if d.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(d.device)
+                     dist.world_size, args.accum_steps, micro_batch)
+    if dist.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dist.device)
 
     amp_dtype = AMP_DTYPES[args.amp]
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
         loader.sampler.set_epoch(epoch)
         num_micro_batches = updates_per_epoch * args.accum_steps
-        epoch_metrics = train_one_epoch(t, ddp_model, islice(loader, num_micro_batches), num_micro_batches,
-                                        mixup, criterion, args, d, writer, desc=f"epoch {epoch + 1}/{args.epochs}")
-        val = evaluate(model, val_loader, d, amp_dtype)
-        row = dict(epoch=epoch + 1, step=t.num_updates, lr=t.lr, **epoch_metrics, val_loss=val["loss"],
+        epoch_metrics = train_one_epoch(training, ddp_model, islice(loader, num_micro_batches), num_micro_batches,
+                                        mixup, criterion, args, dist, writer, desc=f"epoch {epoch + 1}/{args.epochs}")
+        val = evaluate(model, val_loader, dist, amp_dtype)
+        row = dict(epoch=epoch + 1, step=training.num_updates, lr=training.lr, **epoch_metrics, val_loss=val["loss"],
                    val_top1=val["top1"], val_top5=val["top5"])
-        if t.ema is not None:
-            ema_val = evaluate(t.ema.module, val_loader, d, amp_dtype)
+        if training.ema is not None:
+            ema_val = evaluate(training.ema.module, val_loader, dist, amp_dtype)
             row.update(ema_top1=ema_val["top1"], ema_top5=ema_val["top5"])
-        if d.device.type == "cuda":
-            row["peak_memory_mb"] = torch.cuda.max_memory_allocated(d.device) / 2**20
+        if dist.device.type == "cuda":
+            row["peak_memory_mb"] = torch.cuda.max_memory_allocated(dist.device) / 2**20
         row["epoch_time_s"] = time.time() - start
         history.append(row)
 
-        rng = all_rng_states(d)  # after the epoch's last random draw: the next epoch starts from here
-        state = t.state_dict()  # under --fsdp every rank takes part in gathering it
-        if d.is_main:
+        rng = all_rng_states(dist)  # after the epoch's last random draw: the next epoch starts from here
+        state = training.state_dict()  # under --fsdp every rank takes part in gathering it
+        if dist.is_main:
             saver.save(dict(state, epoch=epoch + 1, args=vars(args), model_kwargs=kwargs, classes=classes,
                             history=history, rng=rng), metric=row[saver.best_by])
             write_csv(history, os.path.join(args.output, LOG_NAME))
@@ -494,7 +495,7 @@ def run_training(args, d: Dist, micro_batch: int) -> List[Dict[str, Any]]:
             writer.flush()
             _logger.info("epoch %d: train loss %.4f, val top-1 %.2f top-5 %.2f%s%s (%.0f s)", epoch + 1,
                          row["train_loss"], row["val_top1"], row["val_top5"],
-                         f", EMA top-1 {row['ema_top1']:.2f}" if t.ema is not None else "",
+                         f", EMA top-1 {row['ema_top1']:.2f}" if training.ema is not None else "",
                          f", reconstruction error {row['reconstruction_error']:.1e}"
                          if "reconstruction_error" in row else "",
                          row["epoch_time_s"])

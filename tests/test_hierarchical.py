@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import rel_error
+from helpers import rel_error, write_digits
 from timm.optim import param_groups_layer_decay
 
 import revcol_vit  # noqa: F401  (registers the models)
@@ -232,11 +232,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_cli_trains_revcol_tiny_on_digits_with_intermediate_supervision_then_fine_tunes_an_official_file(
         tmp_path, monkeypatch):
-    import sys
-
     from revcol_vit.train import parse_args, train
-    sys.path.insert(0, str(REPO / "examples" / "vit"))
-    from make_digits import write_digits
 
     data = write_digits(tmp_path / "digits")
     recipe = ["--config", str(REPO / "examples" / "vit" / "digits_revcol_tiny.yaml"), "--data", str(data)]

@@ -750,9 +750,10 @@ class ReversibleColumns(nn.Module):
         self._warn_if_drifting(result.error, f"the rebuilt state of column {result.column}, level {result.level}")
         return result
 
-    def register_reconstruction_hook(self, hook: Callable[["ReversibleColumns"], None]) -> RemovableHandle:
-        """``hook(columns)`` runs at the end of every reversible backward that rebuilt a column, where
-        ``columns.reconstruction_error`` holds its result."""
+    def register_reconstruction_hook(self, hook: Callable[["ReversibleColumns", Tensor], None]) -> RemovableHandle:
+        """``hook(columns, error)`` runs at the end of every reversible backward that rebuilt a column. ``error`` is
+        that backward's worst relative error, a 0-dim tensor on the device: a hook can log it without waiting for
+        the device (``columns.reconstruction_error`` reads it, with its column and level)."""
         handle = RemovableHandle(self._reconstruction_hooks)
         self._reconstruction_hooks[handle.id] = hook
         return handle
@@ -762,7 +763,7 @@ class ReversibleColumns(nn.Module):
         worst = torch.stack(list(errors.values())).max()
         self._worst_error = worst if self._worst_error is None else torch.maximum(self._worst_error, worst)
         for hook in self._reconstruction_hooks.values():
-            hook(self)
+            hook(self, worst)
 
     def _kept_columns(self) -> Set[int]:
         """The columns whose states backward cannot rebuild within the budget: walking down from the last

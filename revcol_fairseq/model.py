@@ -10,6 +10,7 @@ from typing import Sequence, Tuple, Union
 from fairseq import metrics
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerModel, base_architecture
+from torch import Tensor
 
 from revcol import GAMMA_INIT, check_gamma_init
 
@@ -130,7 +131,15 @@ class RevColTransformerModel(TransformerModel):
         if args.revcol_compile:
             model.encoder.revcol.compile_levels()
         model.encoder.revcol.register_reconstruction_hook(log_reconstruction_error)
+        model.log_interval = getattr(args, "log_interval", 100)
         return model
+
+    def set_num_updates(self, num_updates):
+        super().set_num_updates(num_updates)
+        if num_updates % self.log_interval == 0:
+            # One device read per log interval, when fairseq reads its metrics too: it warns once if reversible
+            # gradients drift from plain autograd's.
+            self.encoder.revcol.worst_reconstruction_error()
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
@@ -145,10 +154,10 @@ class RevColTransformerModel(TransformerModel):
             gamma_init=cfg.revcol_gamma_init, reversible=cfg.revcol_reversible)
 
 
-def log_reconstruction_error(columns) -> None:
+def log_reconstruction_error(columns, error: Tensor) -> None:
     """After each reversible backward: the worst rebuilt state's relative error, as a fairseq metric (averaged over
-    the log interval, this rank's). Reading it warns once if reversible gradients drift from plain autograd's."""
-    metrics.log_scalar("reconstruction_error", columns.reconstruction_error.error, priority=900)
+    the log interval, this rank's). Logged as the device tensor it is: fairseq reads it when it prints the log."""
+    metrics.log_scalar("reconstruction_error", error, priority=900)
 
 
 # Architectures: each only fills defaults, so every value can be overridden by its flag.

@@ -175,10 +175,12 @@ def test_reconstruction_hooks_run_after_each_backward_until_removed():
     torch.manual_seed(0)
     model = perturbed_columns(3, 1e-6)
     seen = []
-    handle = model.register_reconstruction_hook(lambda columns: seen.append(columns.reconstruction_error))
+    handle = model.register_reconstruction_hook(lambda columns, error: seen.append((columns.reconstruction_error,
+                                                                                   error)))
     model(torch.randn(4, 8))[-1].sum().backward()
     model(torch.randn(4, 8))[-1].sum().backward()
-    assert len(seen) == 2 and all(0 < r.error < 1e-4 for r in seen)
+    assert len(seen) == 2 and all(0 < r.error < 1e-4 for r, _ in seen)
+    assert all(isinstance(error, torch.Tensor) and error.float().item() == r.error for r, error in seen)
     handle.remove()
     model(torch.randn(4, 8))[-1].sum().backward()
     assert len(seen) == 2

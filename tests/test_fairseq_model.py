@@ -20,7 +20,7 @@ from fairseq.models.transformer import TransformerEncoder
 from fairseq.sequence_generator import SequenceGenerator
 from helpers import rel_error, write_reversal_corpus
 
-from revcol import ReconstructionError, check_gamma_init
+from revcol import check_gamma_init
 from revcol.memory import count_saved_bytes
 from revcol_fairseq import RevColTransformerModel
 from revcol_fairseq.model import log_reconstruction_error
@@ -161,12 +161,22 @@ def test_each_reversible_backward_logs_the_reconstruction_error_as_a_fairseq_met
     assert 0.0 <= logged[True]["reconstruction_error"] < 1e-12 and error < 1e-12
 
 
+def test_the_reconstruction_error_is_read_back_once_per_log_interval_and_warns_there(monkeypatch):
+    # Each backward logs a device tensor (no host read); the model reads the gauge when fairseq reads its metrics.
+    model = build("--revcol-columns", "3")
+    model.log_interval = 2
+    reads = []
+    monkeypatch.setattr(model.encoder.revcol, "worst_reconstruction_error", lambda: reads.append(True))
+    for num_updates in range(1, 6):
+        model.set_num_updates(num_updates)
+    assert len(reads) == 2  # at updates 2 and 4
+
+
 @pytest.mark.slow
 def test_a_nan_reconstruction_error_is_logged_as_nan():
-    columns = types.SimpleNamespace(reconstruction_error=ReconstructionError(math.nan, 0, 1))
     with metrics.aggregate() as agg:
-        log_reconstruction_error(columns)
-        log_reconstruction_error(types.SimpleNamespace(reconstruction_error=ReconstructionError(1e-9, 0, 0)))
+        log_reconstruction_error(None, torch.tensor(math.nan))
+        log_reconstruction_error(None, torch.tensor(1e-9))
     assert math.isnan(agg.get_smoothed_values()["reconstruction_error"])
 
 

@@ -280,7 +280,7 @@ class RevCol(nn.Module):
     def forward(self, x: Tensor, supervised: bool = False) -> Union[Tensor, Tuple[List[Tensor], List[Tensor]]]:
         """Logits of the last head, or with ``supervised`` what :meth:`forward_supervised` returns (a flag, so
         that a DistributedDataParallel wrapper runs it through its own forward)."""
-        if supervised:
+        if supervised is True:  # FX tracing passes every argument as a Proxy, which cannot be tested for truth
             return self.forward_supervised(x)
         return self.forward_head(self.forward_features(x))
 

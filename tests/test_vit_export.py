@@ -179,3 +179,28 @@ def test_save_for_hf_round_trips_through_local_dir(name, tmp_path):
     assert loaded.img_size == (64, 64) and loaded.pretrained_cfg["input_size"] == (3, 64, 64)
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.slow  # about 4 s
+def test_hierarchical_model_exports_traces_and_fx_traces_as_eager():
+    """RevCol-T at small width: torch.export (static and dynamic batch), jit.trace and FX give eager's outputs, and
+    the FX graph trains reversibly with eager's gradients."""
+    torch.manual_seed(0)
+    model = timm.create_model("revcol_tiny", dims=(8, 16, 24, 32), num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    expected = model(x)
+    dynamic = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    assert torch.equal(dynamic(x), expected) and torch.equal(dynamic(x[:1]), model(x[:1]))
+    assert torch.equal(torch.jit.trace(model, (x,), check_trace=False)(x), expected)
+    fx, node = fx_model(model, train=False)
+    assert torch.equal(fx(x)[node], expected)
+    fx, node = fx_model(model, train=True)
+    grads = []
+    for run in (lambda: fx(x)[node], lambda: model(x)):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same drop path masks
+        run().logsumexp(-1).sum().backward()
+        assert model.revcol.reconstruction_error is not None  # rebuilt in backward: reversible
+        grads.append([p.grad for p in model.parameters()])
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(*grads))
+    assert sum(g is not None for g in grads[0]) > 0

@@ -4,13 +4,13 @@ The model API is exported here. Checkpoint I/O lives in :mod:`revcol.checkpoint`
 ``load_plain_checkpoint``) and the CPU memory meters in :mod:`revcol.memory` (``PeakBytes``, ``count_saved_bytes``).
 """
 from .columns import (
-           GAMMA_INIT,
-           GAMMA_MIN,
-           Column,
-           ReconstructionError,
-           ReversibleColumns,
-           check_gamma_init,
-           clamp_gamma,
+    GAMMA_INIT,
+    GAMMA_MIN,
+    Column,
+    ReconstructionError,
+    ReversibleColumns,
+    check_gamma_init,
+    clamp_gamma,
 )
 from .isotropic import CosineAttention, DropPath, IsotropicLevel, LevelFusion, PostNormBlock, isotropic_columns
 

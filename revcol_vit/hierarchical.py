@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from revcol import GAMMA_INIT, DropPath, ReversibleColumns
 
-__all__ = ["RevCol", "VARIANTS", "checkpoint_filter_fn", "intermediate_supervision_loss", "column_grid_depths"]
+__all__ = ["RevCol", "VARIANTS", "checkpoint_filter_fn", "intermediate_supervision_loss"]
 
 VARIANTS: Dict[str, Dict] = {
     "revcol_tiny": dict(dims=(64, 128, 256, 512), depths=(2, 2, 4, 2), num_columns=4, drop_path_rate=0.1),
@@ -233,13 +233,14 @@ class RevCol(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Union[Dict, Callable[[str], int]]:
-        """Per parameter, its depth through the column grid (for layer-wise lr decay): the stem is 0, block j
-        of column c is ``column_grid_depths(...)[j][c] + 1``, the heads come last. A level's fusion goes with
-        its first block, column c's gammas with its first block of all. ``coarse`` groups by column."""
+        """Per parameter, its depth through the column grid (for layer-wise lr decay), as the official fine-tuning
+        recipe counts it: the stem is 0; block j of column c (j counted through the levels) is one deeper than the
+        shallower of block j-1 of its column and block j of the previous column, min(depth(j-1, c),
+        depth(j, c-1)) + 1, which is j + c + 1; the heads come last. A level's fusion goes with its first block,
+        column c's gammas with its first block of all. ``coarse`` groups by column."""
         if coarse:
             return dict(stem=r"^stem", columns=r"^revcol\.columns\.(\d+)", head=r"^head|^aux_heads|^decoders")
-        grid = column_grid_depths(self.num_columns, self.depths)
-        top = grid[-1][-1] + 2
+        top = sum(self.depths) + self.num_columns
 
         def depth(name: str) -> int:
             if name.startswith("stem."):
@@ -249,7 +250,7 @@ class RevCol(nn.Module):
                 return top
             column, level, block = (int(g) if g is not None else None for g in match.groups())
             j = 0 if level is None else sum(self.depths[:level]) + (block or 0)
-            return grid[j][column] + 1
+            return j + column + 1
         return depth
 
     @torch.jit.ignore
@@ -315,13 +316,6 @@ class RevCol(nn.Module):
             self.reset_classifier(0)
             self.aux_heads = self.decoders = None
         return take_indices
-
-
-def column_grid_depths(num_columns: int, depths: Sequence[int]) -> List[List[int]]:
-    """``grid[j][c]``: the depth of block j (counted through the levels) of column c for layer-wise lr decay, as
-    the official fine-tuning recipe counts it: ``min(grid[j-1][c], grid[j][c-1]) + 1``, starting from j along
-    the first column and c along the first block, which is the grid distance j + c."""
-    return [[j + c for c in range(num_columns)] for j in range(sum(depths))]
 
 
 def intermediate_supervision_loss(logits: Sequence[Tensor], reconstructions: Sequence[Tensor], images: Tensor,

@@ -14,7 +14,6 @@ from revcol.memory import count_saved_bytes
 from revcol_vit.hierarchical import (
     VARIANTS,
     checkpoint_filter_fn,
-    column_grid_depths,
     intermediate_supervision_loss,
 )
 
@@ -210,8 +209,6 @@ def test_dense_features_are_the_last_columns_levels():
 
 
 def test_layer_decay_follows_the_depth_through_the_column_grid():
-    grid = column_grid_depths(3, (1, 2))  # 3 blocks per column, 3 columns
-    assert grid == [[0, 1, 2], [1, 2, 3], [2, 3, 4]]
     model = tiny(4)
     depth = model.group_matcher()
     last = len(model.revcol.columns) - 1
